@@ -1,0 +1,31 @@
+"""xpoptim: neural-network optimizers written once against the Python Array API standard.
+
+The same update rules run on NumPy, CuPy, Dask, PyTorch, JAX and array-api-strict
+arrays. Two ways in:
+
+* ``state = opt.init(params)``; ``params, state = opt.update(params, grads, state)``
+* ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
+"""
+
+from ._optimizers import (
+    Adam,
+    AdamState,
+    Optimizer,
+    RMSprop,
+    RMSpropState,
+    SGD,
+    SGDState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamState",
+    "Optimizer",
+    "RMSprop",
+    "RMSpropState",
+    "SGDState",
+    "__version__",
+]

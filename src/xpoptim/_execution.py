@@ -1,0 +1,79 @@
+"""How an update rule is executed on a given backend: the one backend-aware module.
+
+The rules in :mod:`xpoptim._rules` are pure math. This module decides, per array, how
+they run, using only capabilities that array-api-compat reports (never the backend's
+name):
+
+* **in place** -- eager, writeable arrays (NumPy, CuPy, PyTorch, array-api-strict): the
+  rule's in-place operators update the parameter and state buffers where they are;
+* **rebinding** -- arrays whose type has no in-place operators (JAX, Dask): the same
+  statements build new arrays (for Dask, a lazy graph: nothing is computed here);
+* **on a copy** -- eager arrays that have in-place operators but are read-only (a NumPy
+  view of a read-only buffer): the rule runs on a private copy, so the caller's array is
+  never written.
+
+Gradients are inputs only: no rule writes to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._compat import Array, Namespace, is_lazy_array, is_torch_array, is_writeable_array
+
+
+def updates_in_place(x: Array) -> bool:
+    """Whether a rule run on ``x`` changes ``x`` itself (eager and writeable)."""
+    return bool(is_writeable_array(x)) and not bool(is_lazy_array(x))
+
+
+def _has_inplace_operators(x: Array) -> bool:
+    return hasattr(type(x), "__iadd__")
+
+
+def owned(x: Array, xp: Namespace) -> Array:
+    """``x`` in a form the rule may update: itself, or a private copy if it is read-only.
+
+    PyTorch tensors that require grad are updated through ``detach()`` (same storage).
+    Lazy arrays (checked first: Dask arrays also report themselves writeable) and arrays
+    without in-place operators are returned as they are, since the rule's augmented
+    assignments rebind them instead of writing.
+    """
+    if is_torch_array(x) and x.requires_grad:
+        # A leaf tensor of an autograd graph: update its data, as torch.optim does
+        # under ``no_grad`` (``detach`` shares the storage).
+        return x.detach()
+    if is_lazy_array(x) or not _has_inplace_operators(x) or is_writeable_array(x):
+        return x
+    return xp.asarray(x, copy=True)
+
+
+def apply_rule(
+    rule: Callable[..., tuple[Array, ...]],
+    updated: tuple[Array, ...],
+    gradient: Array,
+    *,
+    xp: Namespace,
+    **hyper: Any,
+) -> tuple[Array, ...]:
+    """Run ``rule(p, g, *buffers, xp=xp, **hyper)`` and return its results.
+
+    Args:
+        rule: an elementwise update rule from :mod:`xpoptim._rules`.
+        updated: the parameter followed by its state buffers, in the rule's order.
+        gradient: the gradient; never written.
+        xp: the namespace of all arrays.
+        **hyper: the rule's Python-scalar hyperparameters.
+
+    Returns:
+        The rule's results: the same objects as ``updated`` where the arrays were updated
+        in place, new arrays otherwise.
+    """
+    p, *buffers = (owned(x, xp) for x in updated)
+    results = rule(p, gradient, *buffers, xp=xp, **hyper)
+    # Hand back the caller's own objects where they were updated in place (for a
+    # PyTorch leaf tensor the rule saw its detached alias).
+    return tuple(
+        old if updates_in_place(old) else new for old, new in zip(updated, results, strict=True)
+    )

@@ -1,0 +1,134 @@
+"""Input checks, run before anything changes.
+
+Every check raises with a message that names the offending argument or parameter and
+says what is wrong. They look only at Python values and array metadata (type, shape,
+dtype, device), never at array contents, so they are free on lazy (Dask) and traced
+(``jax.jit``) arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ._compat import Array, Namespace, array_namespace, device, is_array_api_obj
+
+REGULARIZATIONS = ("L1", "L2", None)
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def positive(value: Any, name: str) -> float:
+    """``value`` as a float, checked to be a finite number > 0."""
+    value = _real(value, name)
+    if value <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def non_negative(value: Any, name: str) -> float:
+    """``value`` as a float, checked to be a finite number >= 0."""
+    value = _real(value, name)
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def unit_interval(value: Any, name: str) -> float:
+    """``value`` as a float, checked to lie in [0, 1)."""
+    value = _real(value, name)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def regularization(value: Any) -> str | None:
+    """The regularization kind, checked to be ``"L1"``, ``"L2"`` or ``None``."""
+    if value not in REGULARIZATIONS or isinstance(value, bool):
+        raise ValueError(
+            f"regularization must be 'L1', 'L2' or None, got {value!r} "
+            "(mpneuralnetwork silently treated any other value as 'L1')"
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def _describe(x: Array) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def params(params: Any, what: str = "params") -> Namespace | None:
+    """Check a mapping of names to floating arrays of one namespace; return that namespace.
+
+    Returns ``None`` for an empty mapping.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{what} must be a mapping from names to arrays, got {type(params)!r}")
+    xp = None
+    first = None
+    for name, p in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what} keys must be strings, got {name!r}")
+        if not is_array_api_obj(p):
+            raise TypeError(f"{what}[{name!r}] is not an array: {_describe(p)}")
+        p_xp = array_namespace(p)
+        if xp is None:
+            xp, first = p_xp, name
+        elif p_xp is not xp:
+            raise TypeError(
+                f"{what}[{name!r}] belongs to {p_xp.__name__}, but {what}[{first!r}] to "
+                f"{xp.__name__}: all parameters must share one array namespace"
+            )
+        if not xp.isdtype(p.dtype, "real floating"):
+            raise TypeError(f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed")
+    return xp
+
+
+def _same_keys(expected: Iterable[str], got: Iterable[str], what: str) -> None:
+    expected, got = set(expected), set(got)
+    if expected != got:
+        missing = sorted(expected - got)
+        extra = sorted(got - expected)
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise ValueError(f"{what} do not match the parameter names: " + ", ".join(parts))
+
+
+def like_params(
+    arrays: Any, params: Mapping[str, Array], xp: Namespace | None, what: str
+) -> None:
+    """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``."""
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"{what} must be a mapping from names to arrays, got {type(arrays)!r}")
+    _same_keys(params.keys(), arrays.keys(), what)
+    for name, p in params.items():
+        a = arrays[name]
+        label = f"{what}[{name!r}]"
+        if not is_array_api_obj(a):
+            raise TypeError(f"{label} is not an array: {_describe(a)}")
+        a_xp = array_namespace(a)
+        if a_xp is not xp:
+            raise TypeError(
+                f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"  # type: ignore[union-attr]
+            )
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}"
+            )
+        if a.dtype != p.dtype:
+            if not xp.isdtype(a.dtype, "real floating"):  # type: ignore[union-attr]
+                raise TypeError(f"{label} has dtype {a.dtype}; a real floating dtype is needed")
+            raise TypeError(f"{label} has dtype {a.dtype}, the parameter {p.dtype}")
+        if device(a) != device(p):
+            raise ValueError(f"{label} is on device {device(a)}, the parameter on {device(p)}")
