@@ -8,12 +8,12 @@ arrays. Two ways in:
 """
 
 from ._optimizers import (
+    SGD,
     Adam,
     AdamState,
     Optimizer,
     RMSprop,
     RMSpropState,
-    SGD,
     SGDState,
 )
 

@@ -174,7 +174,7 @@ class Optimizer:
                 f"got {type(state).__name__}"
             )
         step = state.step
-        if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        if isinstance(step, numbers.Integral):
             if step < 0:
                 raise ValueError(f"state.step must be >= 0, got {step}")
             # A NumPy integer would turn the bias corrections into NumPy float64
@@ -249,7 +249,9 @@ class Optimizer:
             for name, pair in layer_params.items():
                 key = f"{index}.{name}"
                 if not isinstance(pair, tuple | list) or len(pair) != 2:
-                    raise TypeError(f"layers[{index}].params[{name!r}] must be a (param, grad) pair")
+                    raise TypeError(
+                        f"layers[{index}].params[{name!r}] must be a (param, grad) pair"
+                    )
                 params[key], grads[key] = pair
         return params, grads
 

@@ -21,34 +21,34 @@ REGULARIZATIONS = ("L1", "L2", None)
 def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number!r}")
+    return number
 
 
 def positive(value: Any, name: str) -> float:
     """``value`` as a float, checked to be a finite number > 0."""
-    value = _real(value, name)
-    if value <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return value
+    number = _real(value, name)
+    if number <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {number!r}")
+    return number
 
 
 def non_negative(value: Any, name: str) -> float:
     """``value`` as a float, checked to be a finite number >= 0."""
-    value = _real(value, name)
-    if value < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
+    number = _real(value, name)
+    if number < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {number!r}")
+    return number
 
 
 def unit_interval(value: Any, name: str) -> float:
     """``value`` as a float, checked to lie in [0, 1)."""
-    value = _real(value, name)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
+    number = _real(value, name)
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {number!r}")
+    return number
 
 
 def regularization(value: Any) -> str | None:
@@ -88,7 +88,9 @@ def params(params: Any, what: str = "params") -> Namespace | None:
                 f"{xp.__name__}: all parameters must share one array namespace"
             )
         if not xp.isdtype(p.dtype, "real floating"):
-            raise TypeError(f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed")
+            raise TypeError(
+                f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed"
+            )
     return xp
 
 
@@ -105,9 +107,7 @@ def _same_keys(expected: Iterable[str], got: Iterable[str], what: str) -> None:
         raise ValueError(f"{what} do not match the parameter names: " + ", ".join(parts))
 
 
-def like_params(
-    arrays: Any, params: Mapping[str, Array], xp: Namespace | None, what: str
-) -> None:
+def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: str) -> None:
     """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``."""
     if not isinstance(arrays, Mapping):
         raise TypeError(f"{what} must be a mapping from names to arrays, got {type(arrays)!r}")
@@ -120,14 +120,12 @@ def like_params(
         a_xp = array_namespace(a)
         if a_xp is not xp:
             raise TypeError(
-                f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"  # type: ignore[union-attr]
+                f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"
             )
         if tuple(a.shape) != tuple(p.shape):
-            raise ValueError(
-                f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}"
-            )
+            raise ValueError(f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}")
         if a.dtype != p.dtype:
-            if not xp.isdtype(a.dtype, "real floating"):  # type: ignore[union-attr]
+            if not xp.isdtype(a.dtype, "real floating"):
                 raise TypeError(f"{label} has dtype {a.dtype}; a real floating dtype is needed")
             raise TypeError(f"{label} has dtype {a.dtype}, the parameter {p.dtype}")
         if device(a) != device(p):

@@ -1,0 +1,76 @@
+"""Sessions: the backend test matrix, lint, the demo and the benchmarks.
+
+``nox`` alone runs every default session: the tests on each CPU backend (the CuPy
+one skips itself, with the reason, where there is no CUDA device) and lint. ``demo``
+and ``bench`` run only when named: ``nox -s demo``, ``nox -s bench``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import nox
+
+nox.needs_version = ">=2024.10.9"
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+
+# What each backend adds to the test environment. torch is pinned to the CPU build
+# that this project's machines carry on disk; elsewhere pip fetches it from PyPI.
+BACKENDS = {
+    "numpy": ["."],
+    "array_api_strict": ["."],
+    "dask": [".[dask]"],
+    "torch": [".", "torch==2.13.0"],
+    "jax": [".", "jax"],
+    "cupy": [".[cuda12]"],
+}
+
+
+def cuda_device_reason() -> str | None:
+    """Why there is no usable CUDA device, or None if there is one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no CUDA device: nvidia-smi is not on PATH"
+    result = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False)
+    if result.returncode != 0 or "GPU" not in result.stdout:
+        return (
+            f"no CUDA device: nvidia-smi -L says {result.stdout.strip() or result.stderr.strip()!r}"
+        )
+    return None
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the test suite with the arrays of one backend."""
+    if backend == "cupy" and (reason := cuda_device_reason()):
+        session.skip(reason)
+    session.install(*TEST_DEPS, *BACKENDS[backend])
+    session.run("pytest", *session.posargs, env={"XPOPTIM_BACKENDS": backend})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy --strict on the package."""
+    session.install(*LINT_DEPS, ".")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Train a small MLP with SGD, RMSprop and Adam: ``nox -s demo -- --backend torch``."""
+    backend = "numpy"
+    if "--backend" in session.posargs:
+        backend = session.posargs[session.posargs.index("--backend") + 1]
+    session.install(".[demo]", *BACKENDS.get(backend, [])[1:])
+    if backend == "dask":
+        session.install(".[dask,demo]")
+    session.run("python", "-m", "xpoptim", "demo", *session.posargs)
