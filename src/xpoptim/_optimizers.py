@@ -170,7 +170,7 @@ class Optimizer:
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
             raise TypeError(
-                f"state must be a {self.State.__name__} from {type(self).__name__}.init, "
+                f"state must be {self.State.__name__} (from {type(self).__name__}.init), "
                 f"got {type(state).__name__}"
             )
         step = state.step
