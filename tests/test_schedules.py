@@ -269,7 +269,7 @@ def test_a_negative_scheduled_rate_changes_nothing():
     state = opt.init(params)
     params, state = opt.update(params, {"w": np.ones(2)}, state)
     before = params["w"].copy()
-    with pytest.raises(ValueError, match="learning_rate schedule gave -0.9 at count 1"):
+    with pytest.raises(ValueError, match=r"learning_rate schedule gave -0\.9 at count 1"):
         opt.update(params, {"w": np.ones(2)}, state)
     np.testing.assert_array_equal(params["w"], before)
     assert state.step == 1
