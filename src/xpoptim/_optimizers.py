@@ -382,7 +382,7 @@ class SGD(Optimizer):
         no_decay: names that are not regularized: patterns or a predicate. Defaults to
             the seed's ``("bias", "beta", "gamma")``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> import xpoptim
         >>> opt = xpoptim.SGD(learning_rate=0.1, momentum=0.9, regularization=None)
@@ -638,7 +638,7 @@ class AdamW(Adam):
         no_decay: names that are not decayed: patterns or a predicate. Defaults to the
             seed's ``("bias", "beta", "gamma")``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> import xpoptim
         >>> opt = xpoptim.AdamW(learning_rate=0.1, weight_decay=0.5)

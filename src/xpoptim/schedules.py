@@ -12,10 +12,10 @@ With a Python ``int`` count (every backend outside ``jax.jit``), a built-in sche
 returns a Python ``float``, so float32 parameters stay float32; under ``jax.jit`` it
 returns a weakly typed scalar, which does not promote float32 either.
 
-Built-in schedules serialize to a plain dict (:meth:`Schedule.get_config`), which is how
-an optimizer's ``get_config`` stores them; :func:`deserialize` rebuilds them.
+Built-in schedules serialize to a plain dict ([`Schedule.get_config`][]), which is how
+an optimizer's ``get_config`` stores them; [`deserialize`][] rebuilds them.
 
-Example:
+Examples:
     >>> from xpoptim.schedules import WarmupCosineDecay
     >>> schedule = WarmupCosineDecay(0.0, 1.0, warmup_steps=2, decay_steps=6)
     >>> [round(schedule(count), 3) for count in range(7)]
@@ -70,7 +70,7 @@ class Schedule:
 
     A schedule is called with ``count``, the number of updates already applied, and
     returns the learning rate of the next update. Subclasses list their constructor
-    arguments in ``_args``; :meth:`get_config` and :func:`deserialize` use them.
+    arguments in ``_args``; [`get_config`][Schedule.get_config] and [`deserialize`][] use them.
     """
 
     _args: ClassVar[tuple[str, ...]] = ()
@@ -228,17 +228,18 @@ class WarmupCosineDecay(Schedule):
 class ReduceOnPlateau(Schedule):
     """Divide the learning rate when a metric stops improving (torch's ``ReduceLROnPlateau``).
 
-    Call :meth:`observe` with the metric (say, the validation loss once per epoch); the
-    schedule then returns the current learning rate for every count. After more than
-    ``patience`` observations without improvement, the rate is multiplied by ``factor``
-    (not below ``min_value``) and ``cooldown`` observations are ignored.
+    Call [`observe`][ReduceOnPlateau.observe] with the metric (say, the validation loss
+    once per epoch); the schedule then returns the current learning rate for every count.
+    After more than ``patience`` observations without improvement, the rate is multiplied
+    by ``factor`` (not below ``min_value``) and ``cooldown`` observations are ignored.
 
     An improvement is ``metric < best * (1 - threshold)`` for ``mode="min"``,
     ``metric > best * (1 + threshold)`` for ``mode="max"`` (torch's relative threshold).
 
     The metric is read with ``float(metric)``: a Dask scalar is computed there, and under
-    ``jax.jit`` the rate is a constant of the trace, so call :meth:`observe` outside the
-    jitted function and re-jit (or pass the rate as an argument) when it changes.
+    ``jax.jit`` the rate is a constant of the trace, so call
+    [`observe`][ReduceOnPlateau.observe] outside the jitted function and re-jit (or pass
+    the rate as an argument) when it changes.
 
     Args:
         init_value: the starting learning rate, > 0.
@@ -324,7 +325,7 @@ def serialize(learning_rate: Any) -> Any:
 
 
 def deserialize(value: Any) -> Any:
-    """The inverse of :func:`serialize`: a schedule config dict becomes the schedule.
+    """The inverse of [`serialize`][]: a schedule config dict becomes the schedule.
 
     Raises:
         ValueError: the dict names no built-in schedule.

@@ -2,20 +2,20 @@
 
 Two levels, like optax:
 
-* pure functions on gradient dicts -- :func:`clip_by_value`, :func:`clip_by_norm`,
-  :func:`clip_by_global_norm`, :func:`global_norm` -- that return new dicts and never
+* pure functions on gradient dicts -- [`clip_by_value`][], [`clip_by_norm`][],
+  [`clip_by_global_norm`][], [`global_norm`][] -- that return new dicts and never
   modify their input (call them between computing gradients and ``update``, as one calls
   ``torch.nn.utils.clip_grad_norm_`` before ``optimizer.step()``);
 * wrappers with the optimizers' interface (``init``/``update``/``step(layers)``/
-  ``get_config``): :class:`Clipped`, :class:`MultiSteps` (gradient accumulation, optax's
-  ``MultiSteps``, Keras's ``gradient_accumulation_steps``) and :class:`ParamGroups`
+  ``get_config``): [`Clipped`][], [`MultiSteps`][] (gradient accumulation, optax's
+  ``MultiSteps``, Keras's ``gradient_accumulation_steps``) and [`ParamGroups`][]
   (torch's parameter groups, optax's ``multi_transform``). Wrappers nest:
   ``MultiSteps(Clipped(AdamW(), max_global_norm=1.0), every_k=4)``.
 
-The math is in :mod:`xpoptim._rules` (pure Array API); everything here works on every
+The math is in `xpoptim._rules` (pure Array API); everything here works on every
 backend, lazily on Dask (nothing is computed) and under ``jax.jit``.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from xpoptim import transforms
     >>> grads = {"a": np.array([3.0]), "b": np.array([4.0])}
@@ -167,11 +167,11 @@ class _Wrapper:
     def step(self, layers: Iterable[Any]) -> None:
         """Update the parameters of ``layers`` in place (the seed's protocol).
 
-        As :meth:`xpoptim.Optimizer.step`; the set of parameters must stay the same from
+        As [`step`][xpoptim.Optimizer.step]; the set of parameters must stay the same from
         one call to the next.
 
         Raises:
-            TypeError: a parameter cannot be updated in place (use :meth:`update`).
+            TypeError: a parameter cannot be updated in place (use ``update``).
             ValueError: the parameters differ from those of the first call.
         """
         params, grads = Optimizer._collect(layers)
@@ -197,7 +197,7 @@ class _Wrapper:
 
     @property
     def state(self) -> Any:
-        """The state kept by :meth:`step` (``None`` before the first step)."""
+        """The state kept by ``step`` (``None`` before the first step)."""
         return self._state
 
     def __repr__(self) -> str:
@@ -218,7 +218,7 @@ class Clipped(_Wrapper):
     ``global_clipnorm``; optax's ``chain(clip..., opt)``).
 
     The clips that are set run in this order: by value, by norm per parameter, by global
-    norm (see :func:`clip_by_value`, :func:`clip_by_norm`, :func:`clip_by_global_norm`).
+    norm (see [`clip_by_value`][], [`clip_by_norm`][], [`clip_by_global_norm`][]).
     The state is the wrapped optimizer's.
 
     Args:
@@ -277,7 +277,7 @@ class Clipped(_Wrapper):
         return self.optimizer.update(params, self.clip(grads), state)  # type: ignore[no-any-return]
 
     def get_config(self) -> dict[str, Any]:
-        """The wrapped optimizer's config and the bounds; see :func:`from_config`."""
+        """The wrapped optimizer's config and the bounds; see [`from_config`][]."""
         return {
             "type": "Clipped",
             "optimizer": self.optimizer.get_config(),
@@ -288,7 +288,7 @@ class Clipped(_Wrapper):
 
 
 class MultiStepsState(NamedTuple):
-    """State of :class:`MultiSteps`.
+    """State of [`MultiSteps`][].
 
     Attributes:
         mini_step: micro-batches accumulated since the last update, in ``[0, every_k)``.
@@ -316,8 +316,8 @@ def _select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
 class MultiSteps(_Wrapper):
     """Gradient accumulation: one update every ``every_k`` calls, on the mean gradient.
 
-    The first ``every_k - 1`` calls of :meth:`update` add the gradient to a running sum
-    and return the parameters unchanged; the ``every_k``-th call updates them with the
+    The first ``every_k - 1`` calls of [`update`][MultiSteps.update] add the gradient to a
+    running sum and return the parameters unchanged; the ``every_k``-th call updates them with the
     wrapped optimizer on ``sum / every_k`` and resets the sum. This is exactly one step
     on the averaged gradient of the ``every_k`` micro-batches (optax's ``MultiSteps``,
     Keras's ``gradient_accumulation_steps``); the wrapped optimizer's step count, and so
@@ -384,7 +384,7 @@ class MultiSteps(_Wrapper):
         return new_params, MultiStepsState((mini + 1) % k, kept, inner)
 
     def get_config(self) -> dict[str, Any]:
-        """The wrapped optimizer's config and ``every_k``; see :func:`from_config`."""
+        """The wrapped optimizer's config and ``every_k``; see [`from_config`][]."""
         return {
             "type": "MultiSteps",
             "optimizer": self.optimizer.get_config(),
@@ -393,7 +393,7 @@ class MultiSteps(_Wrapper):
 
 
 class ParamGroupsState(NamedTuple):
-    """State of :class:`ParamGroups`.
+    """State of [`ParamGroups`][].
 
     Attributes:
         groups: one state per group, in the order of ``groups``, then the default
@@ -407,7 +407,7 @@ class ParamGroups(_Wrapper):
     """Groups of parameters with their own hyperparameters (torch's parameter groups).
 
     Each group is a dict with ``"params"`` -- name patterns or a predicate (see
-    :mod:`xpoptim._selection`; a pattern with ``*``, ``?`` or ``[`` is a glob over the whole
+    `xpoptim._selection`; a pattern with ``*``, ``?`` or ``[`` is a glob over the whole
     name, any other a substring) -- and the constructor arguments that differ from
     ``optimizer``'s, such as ``learning_rate`` or ``weight_decay``. A parameter belongs to
     the first group that selects it; the others keep ``optimizer``'s settings.
@@ -417,7 +417,7 @@ class ParamGroups(_Wrapper):
             its own overrides (``type(optimizer).from_config``).
         groups: the groups.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> import xpoptim
         >>> opt = xpoptim.transforms.ParamGroups(
@@ -508,7 +508,7 @@ class ParamGroups(_Wrapper):
         return {name: new_params[name] for name in params}, ParamGroupsState(tuple(new_states))
 
     def get_config(self) -> dict[str, Any]:
-        """The default group's optimizer config and the groups; see :func:`from_config`.
+        """The default group's optimizer config and the groups; see [`from_config`][].
 
         Groups selected by a predicate keep the callable (not JSON-serializable).
         """
