@@ -400,3 +400,62 @@ def test_bad_grads_change_nothing():
     np.testing.assert_array_equal(state.accumulated["w"], np.zeros(3))
     with pytest.raises(TypeError, match="state must be a MultiStepsState"):
         opt.update(params, {"w": np.ones(3)}, xpoptim.SGD().init(params))
+
+
+def test_multisteps_reads_an_array_mini_step_on_eager_backends(backend: Backend):
+    """A 0-d array count on an eager backend must not trigger the in-place update early."""
+    if not backend.eager_writeable:
+        pytest.skip(f"{backend.name}: covered by the jax.jit and Dask tests")
+    params_np, grads_np = make_problem(steps=2)
+    want, _ = reference.run("SGD", {}, params_np, reference.mean_every(grads_np, 2))
+    opt = transforms.MultiSteps(xpoptim.SGD(), every_k=2)
+    params = to_backend(backend, params_np)
+    state = opt.init(params)
+    state = state._replace(mini_step=backend.xp.asarray(0))
+    params, state = opt.update(params, to_backend(backend, grads_np[0]), state)
+    for name in params_np:
+        np.testing.assert_array_equal(backend.to_numpy(params[name]), params_np[name])
+    params, state = opt.update(params, to_backend(backend, grads_np[1]), state)
+    for name in want:
+        np.testing.assert_allclose(backend.to_numpy(params[name]), want[name], rtol=1e-12)
+
+
+def test_clipping_and_groups_under_jax_jit():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params_np, grads_np = make_problem(steps=3)
+    params_np = {n: v.astype(np.float32) for n, v in params_np.items()}
+    grads_np = [{n: v.astype(np.float32) for n, v in g.items()} for g in grads_np]
+    clipped = [reference.clip_global_norm(reference.clip_norm(g, 1.0), 1.5) for g in grads_np]
+    head = ["head.weights"]
+    want_head, _ = reference.run(
+        "Adam",
+        {"learning_rate": 0.01},
+        {k: params_np[k] for k in head},
+        [{k: g[k] for k in head} for g in clipped],
+    )
+    encoder = ["encoder.weights", "encoder.bias"]
+    want_enc, _ = reference.run(
+        "Adam",
+        {"learning_rate": 0.05},
+        {k: params_np[k] for k in encoder},
+        [{k: g[k] for k in encoder} for g in clipped],
+    )
+    opt = transforms.Clipped(
+        transforms.ParamGroups(
+            xpoptim.Adam(learning_rate=0.05), [{"params": ["head.*"], "learning_rate": 0.01}]
+        ),
+        max_norm=1.0,
+        max_global_norm=1.5,
+    )
+    update = jax.jit(opt.update)
+    params = {n: jnp.asarray(v) for n, v in params_np.items()}
+    state = opt.init(params)
+    state = state._replace(groups=tuple(s._replace(step=jnp.asarray(0)) for s in state.groups))
+    for grads in grads_np:
+        params, state = update(params, {n: jnp.asarray(v) for n, v in grads.items()}, state)
+    assert update._cache_size() == 1
+    for name, want in {**want_head, **want_enc}.items():
+        got = np.asarray(params[name])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)

@@ -274,3 +274,43 @@ def test_adamw_decay_ordering_against_torch():
     # The two orderings differ by lr**2 * wd * (Adam's step / lr): second order, not zero.
     np.testing.assert_allclose(ours - torch_adamw, lr * wd * (w0 - adam_only), rtol=1e-9)
     assert np.max(np.abs(ours - torch_adamw)) > 1e-4
+
+
+@pytest.mark.parametrize("case", VARIANTS[:7], ids=variant_id)
+def test_variant_under_jax_jit(case):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    kind, kwargs = case
+    params_np, grads_np = make_problem()
+    params_np = {k: v.astype(np.float32) for k, v in params_np.items()}
+    grads_np = [{k: v.astype(np.float32) for k, v in g.items()} for g in grads_np]
+    want, _ = reference.run(kind, kwargs, params_np, grads_np)
+    opt = getattr(xpoptim, kind)(**kwargs)
+    update = jax.jit(opt.update)
+    params = {k: jnp.asarray(v) for k, v in params_np.items()}
+    state = opt.init(params)._replace(step=jnp.asarray(0))
+    for grads in grads_np:
+        params, state = update(params, {k: jnp.asarray(v) for k, v in grads.items()}, state)
+    assert update._cache_size() == 1
+    for name in want:
+        got = np.asarray(params[name])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want[name], rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("case", VARIANTS[:7], ids=variant_id)
+def test_variant_stays_lazy_on_dask(case, assert_no_compute):
+    da = pytest.importorskip("dask.array")
+    kind, kwargs = case
+    params_np, grads_np = make_problem()
+    opt = getattr(xpoptim, kind)(**kwargs)
+    params = {k: da.from_array(v, chunks=2) for k, v in params_np.items()}
+    state = opt.init(params)
+    with assert_no_compute():
+        for grads in grads_np:
+            params, state = opt.update(
+                params, {k: da.from_array(v, chunks=2) for k, v in grads.items()}, state
+            )
+    want, _ = reference.run(kind, kwargs, params_np, grads_np)
+    for name in want:
+        np.testing.assert_allclose(params[name].compute(), want[name], rtol=1e-12, atol=1e-12)

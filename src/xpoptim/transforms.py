@@ -360,6 +360,12 @@ class MultiSteps(_Wrapper):
         check.like_params(grads, params, xp, "grads")
         check.like_params(state.accumulated, params, xp, "state.accumulated")
         mini = state.mini_step
+        if not isinstance(mini, numbers.Integral) and any(
+            updates_in_place(p) for p in params.values()
+        ):
+            # A concrete 0-d array on an eager backend (never a traced one, which is
+            # immutable): read it, so that the in-place update runs only on the k-th call.
+            mini = int(mini)
         if isinstance(mini, numbers.Integral) and not 0 <= int(mini) < self.every_k:
             raise ValueError(f"state.mini_step must be in [0, {self.every_k}), got {mini}")
         k = self.every_k
