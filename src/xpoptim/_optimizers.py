@@ -71,7 +71,6 @@ class AdamState(NamedTuple):
     step: Any
     momentums: dict[str, Array]
     velocities: dict[str, Array]
-    #: parameter name -> running maximum of ``v`` (``amsgrad=True`` only, else ``None``).
     max_velocities: dict[str, Array] | None = None
 
 
@@ -95,7 +94,7 @@ class Optimizer:
     #: them only when they differ, so a seed-compatible config stays the seed's.
     _extensions: ClassVar[dict[str, Any]] = {"no_decay": NOT_DECAYED}
     #: Names whose parameters are not regularized: patterns or a predicate (see
-    #: :mod:`xpoptim._selection`); the seed's rule by default.
+    #: ``xpoptim._selection``); the seed's rule by default.
     no_decay: Any = NOT_DECAYED
 
     def __init__(
@@ -373,7 +372,7 @@ class SGD(Optimizer):
     look-ahead step).
 
     Args:
-        learning_rate: step size, or a schedule (see :mod:`xpoptim.schedules`).
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
             Defaults to 0.01.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
@@ -442,7 +441,7 @@ class RMSprop(Optimizer):
     step 3 becomes ``b = momentum * b + g / denominator``; ``w = w - learning_rate * b``.
 
     Args:
-        learning_rate: step size, or a schedule (see :mod:`xpoptim.schedules`).
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
             Defaults to 0.001.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
@@ -530,7 +529,7 @@ class Adam(Optimizer):
     epsilon)``.
 
     Args:
-        learning_rate: step size, or a schedule (see :mod:`xpoptim.schedules`).
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
             Defaults to 0.001.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
@@ -618,7 +617,7 @@ class AdamW(Adam):
     Update rule, with ``t`` the step count (from 1):
 
     1. ``m = beta1 * m + (1 - beta1) * g``; ``v = beta2 * v + (1 - beta2) * g**2``
-    2. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)`` (as :class:`Adam`)
+    2. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)`` (as [Adam][xpoptim.Adam])
     3. ``w = w - learning_rate * weight_decay * w``, on the *updated* ``w``
 
     The decay comes **after** the Adam step, as in mpneuralnetwork. torch.optim's
@@ -628,7 +627,7 @@ class AdamW(Adam):
     step, a second-order term.
 
     Args:
-        learning_rate: step size, or a schedule (see :mod:`xpoptim.schedules`).
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
             Defaults to 0.001.
         weight_decay: decoupled decay strength, >= 0. Defaults to 0.01 (torch's default).
         beta1: decay rate of the first moment, in [0, 1). Defaults to 0.9.
