@@ -151,7 +151,7 @@ def sgd_nesterov(
 
     ``g = g + l1*sign(p) + l2*p``; ``v = momentum*v - lr*g``;
     ``p = p + momentum*v - lr*g`` (the look-ahead step). With a constant learning rate
-    this is torch.optim's ``SGD(nesterov=True)``, whose buffer is ``-v/lr``.
+    this is PyTorch's ``SGD(nesterov=True)``, whose buffer is ``-v/lr``.
 
     Returns:
         ``(p, velocity)``.
@@ -177,7 +177,7 @@ def rmsprop_extended(
     l2: float = 0.0,
     xp: Namespace,
 ) -> tuple[Array, ...]:
-    """RMSprop, optionally centered and with momentum (torch.optim's RMSprop).
+    """RMSprop, optionally centered and with momentum (PyTorch's RMSprop).
 
     ``buffers`` is ``(mean_grad,)`` if ``centered``, then ``(momentum_buffer,)`` if
     ``momentum > 0``, in that order. With ``rho = decay_rate``:
@@ -235,7 +235,7 @@ def adam_amsgrad(
     """Adam with AMSGrad: the denominator uses the running maximum of ``v``.
 
     As :func:`adam`, with ``v_max = max(v_max, v)`` after the update of ``v`` and
-    ``p = p - (lr/bc1) * m / (sqrt(v_max)/sqrt(bc2) + eps)`` (torch.optim's
+    ``p = p - (lr/bc1) * m / (sqrt(v_max)/sqrt(bc2) + eps)`` (PyTorch's
     ``amsgrad=True``).
 
     Returns:
