@@ -81,7 +81,8 @@ class Optimizer:
     Python scalars the rule takes for one parameter at one step.
 
     Args:
-        learning_rate: the step size, a finite number > 0.
+        learning_rate: the step size, a finite number > 0, or a schedule: a callable of
+            the number of updates already applied (see [schedules][xpoptim.schedules]).
         regularization: ``"L1"``, ``"L2"`` or ``None`` (no regularization).
         weight_decay: the regularization strength, a finite number >= 0.
     """
