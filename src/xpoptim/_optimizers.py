@@ -133,7 +133,8 @@ class Optimizer:
         for name, default in self._extensions.items():
             value = getattr(self, name)
             if value is not default and value != default:
-                config[name] = value
+                # Patterns as a list, so a JSON round trip gives back an equal config.
+                config[name] = list(value) if isinstance(value, tuple) else value
         return config
 
     @classmethod
