@@ -459,3 +459,39 @@ def test_clipping_and_groups_under_jax_jit():
         got = np.asarray(params[name])
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_multisteps_k_th_call_with_a_bad_inner_state_changes_nothing():
+    opt = transforms.MultiSteps(xpoptim.SGD(), every_k=2)
+    params = {"w": np.ones(3)}
+    state = opt.init(params)
+    _, state = opt.update(params, {"w": np.ones(3)}, state)
+    bad = state._replace(inner=xpoptim.Adam().init(params))
+    with pytest.raises(TypeError, match="state must be a SGDState"):
+        opt.update(params, {"w": np.ones(3)}, bad)
+    np.testing.assert_array_equal(state.accumulated["w"], np.ones(3))
+    np.testing.assert_array_equal(params["w"], np.ones(3))
+
+
+def test_param_groups_share_a_plateau_schedule():
+    plateau = xpoptim.schedules.ReduceOnPlateau(0.1, factor=0.5, patience=0)
+    opt = transforms.ParamGroups(
+        xpoptim.SGD(learning_rate=plateau, momentum=0.0, regularization=None),
+        [{"params": ["a"], "weight_decay": 0.0}, {"params": ["b"], "learning_rate": 0.2}],
+    )
+    params = {"a": np.ones(1), "b": np.ones(1), "c": np.ones(1)}
+    state = opt.init(params)
+    plateau.observe(1.0)
+    plateau.observe(1.0)  # the rate halves for every group that did not set its own
+    params, state = opt.update(params, {k: np.ones(1) for k in params}, state)
+    np.testing.assert_allclose([params["a"][0], params["b"][0], params["c"][0]], [0.95, 0.8, 0.95])
+
+
+def test_param_groups_check_every_group_before_any_changes():
+    opt = transforms.ParamGroups(xpoptim.SGD(), [{"params": ["a"], "learning_rate": 0.2}])
+    params = {"a": np.ones(2), "b": np.ones(2)}
+    state = opt.init(params)
+    opt.optimizer.momentum = 5.0  # the default group, updated last, is now invalid
+    with pytest.raises(ValueError, match="momentum must be in"):
+        opt.update(params, {k: np.ones(2) for k in params}, state)
+    np.testing.assert_array_equal(params["a"], np.ones(2))

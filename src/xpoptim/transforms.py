@@ -369,18 +369,23 @@ class MultiSteps(_Wrapper):
         if isinstance(mini, numbers.Integral) and not 0 <= int(mini) < self.every_k:
             raise ValueError(f"state.mini_step must be in [0, {self.every_k}), got {mini}")
         k = self.every_k
-        # The running sum is the state's own buffer, so it may grow in place.
-        total = {
-            name: _rules.accumulate(state.accumulated[name], grads[name], xp=xp) for name in params
-        }
         if isinstance(mini, numbers.Integral):
             if int(mini) + 1 < k:
+                # Everything is checked: the running sum (the state's own buffer) may grow
+                # in place.
+                total = {
+                    name: _rules.accumulate(state.accumulated[name], grads[name], xp=xp)
+                    for name in params
+                }
                 return dict(params), MultiStepsState(int(mini) + 1, total, state.inner)
-            mean = {name: t / k for name, t in total.items()}
+            # The k-th call: out of place, so that if the wrapped optimizer refuses its
+            # state, the sum is as it was.
+            mean = {name: (state.accumulated[name] + grads[name]) / k for name in params}
             new_params, inner = self.optimizer.update(params, mean, state.inner)
-            zeros = {name: xp.zeros_like(t) for name, t in total.items()}
+            zeros = {name: xp.zeros_like(a) for name, a in state.accumulated.items()}
             return new_params, MultiStepsState(0, zeros, inner)
         # Traced mini_step (jax.jit): compute the update and keep it only on the k-th call.
+        total = {name: state.accumulated[name] + grads[name] for name in params}
         last = (mini + 1) >= k
         mean = {name: t / k for name, t in total.items()}
         cand_params, cand_inner = self.optimizer.update(params, mean, state.inner)
@@ -450,7 +455,9 @@ class ParamGroups(_Wrapper):
         self.groups: list[dict[str, Any]] = []
         self._selectors: list[Any] = []
         self._optimizers: list[Optimizer] = []
-        base = optimizer.get_config()
+        # The default group's learning rate object itself, not its config: a schedule
+        # with state (ReduceOnPlateau) is then shared by the groups that do not override it.
+        base = {**optimizer.get_config(), "learning_rate": optimizer.learning_rate}
         for i, group in enumerate(groups):
             if not isinstance(group, Mapping) or "params" not in group:
                 raise TypeError(f"groups[{i}] must be a dict with a 'params' entry, got {group!r}")
@@ -500,8 +507,9 @@ class ParamGroups(_Wrapper):
         xp = check.params(params)
         check.like_params(grads, params, xp, "grads")
         p_parts, g_parts = self._split(params), self._split(grads)
-        # Check every group's state before any group changes.
+        # Check every group's settings and state before any group changes.
         for opt, part, sub in zip(self._optimizers, p_parts, state.groups, strict=True):
+            opt._validate_hyperparameters()
             opt._check_state(sub, part, xp)
         new_params: dict[str, Array] = {}
         new_states = []
