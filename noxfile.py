@@ -1,7 +1,7 @@
 """Sessions: the backend test matrix, lint, the demo and the benchmarks.
 
 ``nox`` alone runs every default session: the tests on each CPU backend (the CuPy
-one skips itself, with the reason, where there is no CUDA device) and lint. ``demo``
+one skips itself, with the reason, where there is no CUDA device), lint and docs. ``demo``
 and ``bench`` run only when named: ``nox -s demo``, ``nox -s bench``.
 """
 
@@ -19,6 +19,7 @@ nox.options.reuse_existing_virtualenvs = True
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")
 
 # What each backend adds to the test environment. torch is pinned to the CPU build
 # that this project's machines carry on disk; elsewhere pip fetches it from PyPI.
@@ -27,7 +28,7 @@ BACKENDS = {
     "array_api_strict": ["."],
     "dask": [".[dask]"],
     "torch": [".", "torch==2.13.0"],
-    "jax": [".", "jax"],
+    "jax": [".", "jax", "optax"],
     "cupy": [".[cuda12]"],
 }
 
@@ -62,6 +63,18 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Run the docstring examples, then build the site with ``mkdocs build --strict``.
+
+    Strict: a broken cross-reference or a missing page fails the build. The site goes to
+    ``site/``; ``nox -s docs -- --site-dir DIR`` puts it elsewhere.
+    """
+    session.install(*DOCS_DEPS, ".")
+    session.run("pytest", "--doctest-modules", "src/xpoptim", "-q", "-p", "no:cacheprovider")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(default=False)

@@ -7,10 +7,12 @@ arrays. Two ways in:
 * ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
 """
 
+from . import schedules, transforms
 from ._optimizers import (
     SGD,
     Adam,
     AdamState,
+    AdamW,
     Optimizer,
     RMSprop,
     RMSpropState,
@@ -23,9 +25,12 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamState",
+    "AdamW",
     "Optimizer",
     "RMSprop",
     "RMSpropState",
     "SGDState",
     "__version__",
+    "schedules",
+    "transforms",
 ]

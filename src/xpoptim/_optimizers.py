@@ -16,8 +16,9 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from . import _rules
+from . import _rules, _selection
 from . import _validation as check
+from . import schedules as _schedules
 from ._compat import Array, Namespace
 from ._execution import apply_rule, updates_in_place
 
@@ -44,10 +45,16 @@ class RMSpropState(NamedTuple):
     Attributes:
         step: number of updates applied so far.
         cache: parameter name -> running average of the squared gradient.
+        mean_grad: parameter name -> running average of the gradient (``centered=True``
+            only, else ``None``).
+        momentum_buffer: parameter name -> momentum buffer (``momentum > 0`` only, else
+            ``None``).
     """
 
     step: Any
     cache: dict[str, Array]
+    mean_grad: dict[str, Array] | None = None
+    momentum_buffer: dict[str, Array] | None = None
 
 
 class AdamState(NamedTuple):
@@ -57,11 +64,14 @@ class AdamState(NamedTuple):
         step: number of updates applied so far (the seed's ``t``).
         momentums: parameter name -> first moment ``m``.
         velocities: parameter name -> second moment ``v``.
+        max_velocities: parameter name -> running maximum of ``v`` (``amsgrad=True``
+            only, else ``None``).
     """
 
     step: Any
     momentums: dict[str, Array]
     velocities: dict[str, Array]
+    max_velocities: dict[str, Array] | None = None
 
 
 class Optimizer:
@@ -71,7 +81,8 @@ class Optimizer:
     Python scalars the rule takes for one parameter at one step.
 
     Args:
-        learning_rate: the step size, a finite number > 0.
+        learning_rate: the step size, a finite number > 0, or a schedule: a callable of
+            the number of updates already applied (see [schedules][xpoptim.schedules]).
         regularization: ``"L1"``, ``"L2"`` or ``None`` (no regularization).
         weight_decay: the regularization strength, a finite number >= 0.
     """
@@ -80,11 +91,17 @@ class Optimizer:
     _rule: ClassVar[Callable[..., tuple[Array, ...]]]
     #: The subclass's own constructor arguments, in ``get_config`` order.
     _hyperparameters: ClassVar[tuple[str, ...]] = ()
+    #: Constructor arguments beyond the seed's, with their defaults: ``get_config`` lists
+    #: them only when they differ, so a seed-compatible config stays the seed's.
+    _extensions: ClassVar[dict[str, Any]] = {"no_decay": NOT_DECAYED}
+    #: Names whose parameters are not regularized: patterns or a predicate (see
+    #: ``xpoptim._selection``); the seed's rule by default.
+    no_decay: Any = NOT_DECAYED
 
     def __init__(
         self, learning_rate: float, regularization: str | None, weight_decay: float
     ) -> None:
-        self.learning_rate = learning_rate
+        self.learning_rate = _schedules.deserialize(learning_rate)
         self.regularization = regularization
         self.weight_decay = weight_decay
         self._state: Any = None
@@ -94,8 +111,9 @@ class Optimizer:
 
     def _validate_hyperparameters(self) -> None:
         """Check every hyperparameter; called by ``__init__`` and before each update."""
-        check.positive(self.learning_rate, "learning_rate")
+        _schedules.check_learning_rate(self.learning_rate)
         check.regularization(self.regularization)
+        self.no_decay = _selection.check_selector(self.no_decay, "no_decay")
         check.non_negative(self.weight_decay, "weight_decay")
 
     def get_config(self) -> dict[str, Any]:
@@ -111,6 +129,12 @@ class Optimizer:
             "weight_decay": self.weight_decay,
         }
         config.update({name: getattr(self, name) for name in self._hyperparameters})
+        config["learning_rate"] = _schedules.serialize(self.learning_rate)
+        for name, default in self._extensions.items():
+            value = getattr(self, name)
+            if value is not default and value != default:
+                # Patterns as a list, so a JSON round trip gives back an equal config.
+                config[name] = list(value) if isinstance(value, tuple) else value
         return config
 
     @classmethod
@@ -127,8 +151,24 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
     def is_decayed(self, name: str) -> bool:
-        """Whether parameter ``name`` is regularized: not if it contains bias, beta or gamma."""
-        return not any(part in name for part in NOT_DECAYED)
+        """Whether parameter ``name`` is regularized: not if ``no_decay`` selects it (by
+        default, names containing bias, beta or gamma)."""
+        return not _selection.matches(name, self.no_decay)
+
+    # -- hooks of the variants (Nesterov, centered, AMSGrad) and of schedules --------------
+
+    def _buffer_fields(self) -> tuple[str, ...]:
+        """The state fields this optimizer uses (the others stay ``None``)."""
+        return tuple(self.State._fields[1:])
+
+    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
+        """The rule this optimizer runs, given its options."""
+        return type(self)._rule
+
+    def _learning_rate(self, step: Any) -> Any:
+        """The learning rate of update number ``step`` (from 1): a schedule sees the count
+        of updates already applied, ``step - 1``."""
+        return _schedules.learning_rate_at(self.learning_rate, step - 1)
 
     # -- what the rule gets ----------------------------------------------------------
 
@@ -163,7 +203,7 @@ class Optimizer:
         xp = check.params(params)
         buffers = {
             field: {name: xp.zeros_like(p) for name, p in params.items()}  # type: ignore[union-attr]
-            for field in self.State._fields[1:]
+            for field in self._buffer_fields()
         }
         return self.State(step=0, **buffers)
 
@@ -182,7 +222,7 @@ class Optimizer:
             step = int(step)
         elif not hasattr(step, "dtype"):
             raise TypeError(f"state.step must be an integer, got {step!r}")
-        for field in self.State._fields[1:]:
+        for field in self._buffer_fields():
             check.like_params(getattr(state, field), params, xp, f"state.{field}")
         return step
 
@@ -213,13 +253,14 @@ class Optimizer:
         check.like_params(grads, params, xp, "grads")
         step = self._check_state(state, params, xp) + 1
         shared = self._step_scalars(step)
-        fields = self.State._fields[1:]
+        fields = self._buffer_fields()
+        rule = self._rule_function()
         new_params: dict[str, Array] = {}
         new_buffers: dict[str, dict[str, Array]] = {field: {} for field in fields}
         for name, p in params.items():
             buffers = tuple(getattr(state, field)[name] for field in fields)
             p_new, *b_new = apply_rule(
-                type(self)._rule,
+                rule,
                 (p, *buffers),
                 grads[name],
                 xp=xp,
@@ -282,13 +323,15 @@ class Optimizer:
         """The stored state restricted to ``params``, with fresh zeros for new names."""
         if self._state is None:
             return self.init(params)
-        new = {name: p for name, p in params.items() if name not in self._state[1]}
+        fields = self._buffer_fields()
+        known_names = getattr(self._state, fields[0])
+        new = {name: p for name, p in params.items() if name not in known_names}
         fresh = self.init(new) if new else None
         buffers = {}
-        for i, field in enumerate(self.State._fields[1:], start=1):
-            known = self._state[i]
+        for field in fields:
+            known = getattr(self._state, field)
             buffers[field] = {
-                name: known[name] if name in known else fresh[i][name]  # type: ignore[index]
+                name: known[name] if name in known else getattr(fresh, field)[name]
                 for name in params
             }
         return self.State(self._state.step, **buffers)
@@ -298,8 +341,8 @@ class Optimizer:
             self._state = new_state
             return
         buffers = {
-            field: {**self._state[i], **new_state[i]}
-            for i, field in enumerate(self.State._fields[1:], start=1)
+            field: {**getattr(self._state, field), **getattr(new_state, field)}
+            for field in self._buffer_fields()
         }
         self._state = self.State(new_state.step, **buffers)
 
@@ -311,7 +354,7 @@ class Optimizer:
     @property
     def params(self) -> dict[str, Any]:
         """The state kept by :meth:`step`, in the seed's layout (keyed by stable names)."""
-        fields = self.State._fields[1:]
+        fields = self._buffer_fields()
         if self._state is None:
             return {field: {} for field in fields}
         return {field: dict(getattr(self._state, field)) for field in fields}
@@ -327,13 +370,20 @@ class SGD(Optimizer):
     2. ``v = momentum * v - learning_rate * g``
     3. ``w = w + v``
 
+    With ``nesterov=True``, step 3 is ``w = w + momentum * v - learning_rate * g`` (the
+    look-ahead step).
+
     Args:
-        learning_rate: step size. Defaults to 0.01.
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
+            Defaults to 0.01.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
         momentum: momentum factor in [0, 1). Defaults to 0.1.
+        nesterov: use Nesterov momentum (needs ``momentum > 0``). Defaults to False.
+        no_decay: names that are not regularized: patterns or a predicate. Defaults to
+            the seed's ``("bias", "beta", "gamma")``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> import xpoptim
         >>> opt = xpoptim.SGD(learning_rate=0.1, momentum=0.9, regularization=None)
@@ -347,23 +397,35 @@ class SGD(Optimizer):
     State = SGDState
     _rule = staticmethod(_rules.sgd)
     _hyperparameters = ("momentum",)
+    _extensions: ClassVar[dict[str, Any]] = {"nesterov": False, "no_decay": NOT_DECAYED}
 
     def __init__(
         self,
-        learning_rate: float = 0.01,
+        learning_rate: float | Callable[[Any], Any] = 0.01,
         regularization: str | None = "L2",
         weight_decay: float = 0.001,
         momentum: float = 0.1,
+        *,
+        nesterov: bool = False,
+        no_decay: Any = NOT_DECAYED,
     ) -> None:
         self.momentum = momentum
-        super().__init__(learning_rate, regularization, weight_decay)
+        self.nesterov = nesterov
+        self.no_decay = no_decay
+        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
         super()._validate_hyperparameters()
         check.unit_interval(self.momentum, "momentum")
+        check.flag(self.nesterov, "nesterov")
+        if self.nesterov and not self.momentum:
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
+
+    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
+        return _rules.sgd_nesterov if self.nesterov else _rules.sgd
 
     def _step_scalars(self, step: Any) -> dict[str, Any]:
-        return {"learning_rate": float(self.learning_rate), "momentum": float(self.momentum)}
+        return {"learning_rate": self._learning_rate(step), "momentum": float(self.momentum)}
 
 
 class RMSprop(Optimizer):
@@ -375,41 +437,81 @@ class RMSprop(Optimizer):
     2. ``cache = decay_rate * cache + (1 - decay_rate) * g**2``
     3. ``w = w - learning_rate * g / (sqrt(cache) + epsilon)``
 
+    With ``centered=True`` (torch.optim's option) the denominator is
+    ``sqrt(cache - mean_grad**2) + epsilon``, where
+    ``mean_grad = decay_rate * mean_grad + (1 - decay_rate) * g``. With ``momentum > 0``
+    step 3 becomes ``b = momentum * b + g / denominator``; ``w = w - learning_rate * b``.
+
     Args:
-        learning_rate: step size. Defaults to 0.001.
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
+            Defaults to 0.001.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
         decay_rate: discounting factor in [0, 1). Defaults to 0.9.
         epsilon: added to the denominator, > 0. Defaults to 1e-8.
+        centered: normalize by the estimated variance of the gradient. Defaults to False.
+        momentum: momentum factor in [0, 1). Defaults to 0.
+        no_decay: names that are not regularized: patterns or a predicate. Defaults to
+            the seed's ``("bias", "beta", "gamma")``.
     """
 
     State = RMSpropState
     _rule = staticmethod(_rules.rmsprop)
     _hyperparameters = ("decay_rate", "epsilon")
+    _extensions: ClassVar[dict[str, Any]] = {
+        "centered": False,
+        "momentum": 0.0,
+        "no_decay": NOT_DECAYED,
+    }
 
     def __init__(
         self,
-        learning_rate: float = 0.001,
+        learning_rate: float | Callable[[Any], Any] = 0.001,
         regularization: str | None = "L2",
         weight_decay: float = 0.001,
         decay_rate: float = 0.9,
         epsilon: float = 1e-8,
+        *,
+        centered: bool = False,
+        momentum: float = 0.0,
+        no_decay: Any = NOT_DECAYED,
     ) -> None:
         self.decay_rate = decay_rate
         self.epsilon = epsilon
-        super().__init__(learning_rate, regularization, weight_decay)
+        self.centered = centered
+        self.momentum = momentum
+        self.no_decay = no_decay
+        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
         super()._validate_hyperparameters()
         check.unit_interval(self.decay_rate, "decay_rate")
         check.positive(self.epsilon, "epsilon")
+        check.flag(self.centered, "centered")
+        check.unit_interval(self.momentum, "momentum")
+
+    def _buffer_fields(self) -> tuple[str, ...]:
+        fields: tuple[str, ...] = ("cache",)
+        if self.centered:
+            fields += ("mean_grad",)
+        if self.momentum:
+            fields += ("momentum_buffer",)
+        return fields
+
+    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
+        if self.centered or self.momentum:
+            return _rules.rmsprop_extended
+        return _rules.rmsprop
 
     def _step_scalars(self, step: Any) -> dict[str, Any]:
-        return {
-            "learning_rate": float(self.learning_rate),
+        scalars = {
+            "learning_rate": self._learning_rate(step),
             "decay_rate": float(self.decay_rate),
             "epsilon": float(self.epsilon),
         }
+        if self.centered or self.momentum:
+            scalars.update(centered=self.centered, momentum=float(self.momentum))
+        return scalars
 
 
 class Adam(Optimizer):
@@ -424,43 +526,65 @@ class Adam(Optimizer):
     5. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)``
     6. L2 only: ``w = w - learning_rate * weight_decay * w`` (decoupled, on the updated ``w``)
 
+    With ``amsgrad=True`` (torch.optim's option), step 5 uses ``v_max = max(v_max, v)``
+    in place of ``v``: ``w = w - learning_rate * m_hat / (sqrt(v_max / (1 - beta2**t)) +
+    epsilon)``.
+
     Args:
-        learning_rate: step size. Defaults to 0.001.
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
+            Defaults to 0.001.
         regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
         weight_decay: regularization strength. Defaults to 0.001.
         beta1: decay rate of the first moment, in [0, 1). Defaults to 0.9.
         beta2: decay rate of the second moment, in [0, 1). Defaults to 0.999.
         epsilon: added to ``sqrt(v_hat)``, > 0. Defaults to 1e-8.
+        amsgrad: use the running maximum of ``v``. Defaults to False.
+        no_decay: names that are not regularized: patterns or a predicate. Defaults to
+            the seed's ``("bias", "beta", "gamma")``.
     """
 
     State = AdamState
     _rule = staticmethod(_rules.adam)
     _hyperparameters = ("beta1", "beta2", "epsilon")
+    _extensions: ClassVar[dict[str, Any]] = {"amsgrad": False, "no_decay": NOT_DECAYED}
 
     def __init__(
         self,
-        learning_rate: float = 0.001,
+        learning_rate: float | Callable[[Any], Any] = 0.001,
         regularization: str | None = "L2",
         weight_decay: float = 0.001,
         beta1: float = 0.9,
         beta2: float = 0.999,
         epsilon: float = 1e-8,
+        *,
+        amsgrad: bool = False,
+        no_decay: Any = NOT_DECAYED,
     ) -> None:
         self.beta1 = beta1
         self.beta2 = beta2
         self.epsilon = epsilon
-        super().__init__(learning_rate, regularization, weight_decay)
+        self.amsgrad = amsgrad
+        self.no_decay = no_decay
+        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
         super()._validate_hyperparameters()
         check.unit_interval(self.beta1, "beta1")
         check.unit_interval(self.beta2, "beta2")
         check.positive(self.epsilon, "epsilon")
+        check.flag(self.amsgrad, "amsgrad")
+
+    def _buffer_fields(self) -> tuple[str, ...]:
+        fields = ("momentums", "velocities")
+        return (*fields, "max_velocities") if self.amsgrad else fields
+
+    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
+        return _rules.adam_amsgrad if self.amsgrad else _rules.adam
 
     def _step_scalars(self, step: Any) -> dict[str, Any]:
         # ``step`` is a Python int, or a traced integer under jax.jit: both work here,
         # and stay Python floats in the first case.
-        lr, b1, b2 = float(self.learning_rate), float(self.beta1), float(self.beta2)
+        lr, b1, b2 = self._learning_rate(step), float(self.beta1), float(self.beta2)
         return {
             "learning_rate": lr,
             "beta1": b1,
@@ -487,3 +611,76 @@ class Adam(Optimizer):
     def params(self) -> dict[str, Any]:
         """The state kept by :meth:`step` in the seed's layout: ``t``, momentums, velocities."""
         return {"t": self.t, **super().params}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: the seed's ``Adam(regularization="L2")``.
+
+    Update rule, with ``t`` the step count (from 1):
+
+    1. ``m = beta1 * m + (1 - beta1) * g``; ``v = beta2 * v + (1 - beta2) * g**2``
+    2. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)`` (as [Adam][xpoptim.Adam])
+    3. ``w = w - learning_rate * weight_decay * w``, on the *updated* ``w``
+
+    The decay comes **after** the Adam step, as in mpneuralnetwork. torch.optim's
+    ``AdamW`` and optax's ``adamw`` decay the *previous* ``w`` instead
+    (``w = w * (1 - learning_rate * weight_decay) - learning_rate * m_hat / (...)``): the two
+    differ by ``learning_rate**2 * weight_decay * m_hat / (sqrt(v_hat) + epsilon)`` per
+    step, a second-order term.
+
+    Args:
+        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
+            Defaults to 0.001.
+        weight_decay: decoupled decay strength, >= 0. Defaults to 0.01 (torch's default).
+        beta1: decay rate of the first moment, in [0, 1). Defaults to 0.9.
+        beta2: decay rate of the second moment, in [0, 1). Defaults to 0.999.
+        epsilon: added to ``sqrt(v_hat)``, > 0. Defaults to 1e-8.
+        amsgrad: use the running maximum of ``v``. Defaults to False.
+        no_decay: names that are not decayed: patterns or a predicate. Defaults to the
+            seed's ``("bias", "beta", "gamma")``.
+
+    Examples:
+        >>> import numpy as np
+        >>> import xpoptim
+        >>> opt = xpoptim.AdamW(learning_rate=0.1, weight_decay=0.5)
+        >>> params = {"w": np.array([1.0, -1.0])}
+        >>> params, state = opt.update(params, {"w": np.array([2.0, -2.0])}, opt.init(params))
+        >>> params["w"]  # (1 - 0.1) * (1 - 0.1 * 0.5), up to epsilon
+        array([ 0.855, -0.855])
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[Any], Any] = 0.001,
+        weight_decay: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        epsilon: float = 1e-8,
+        *,
+        amsgrad: bool = False,
+        no_decay: Any = NOT_DECAYED,
+    ) -> None:
+        super().__init__(
+            learning_rate,
+            "L2",
+            weight_decay,
+            beta1,
+            beta2,
+            epsilon,
+            amsgrad=amsgrad,
+            no_decay=no_decay,
+        )
+
+    def _validate_hyperparameters(self) -> None:
+        super()._validate_hyperparameters()
+        if self.regularization != "L2":
+            raise ValueError(
+                f"AdamW always uses decoupled ('L2') decay, got regularization="
+                f"{self.regularization!r}; use Adam for other kinds"
+            )
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments (no ``regularization``: it is always decoupled)."""
+        config = super().get_config()
+        del config["regularization"]
+        return config

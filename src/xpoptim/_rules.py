@@ -131,3 +131,157 @@ def adam(
     if decoupled_decay:
         p -= learning_rate * (decoupled_decay * p)
     return p, m, v
+
+
+# -- variants: Nesterov, centered RMSprop with momentum, AMSGrad ---------------------------
+
+
+def sgd_nesterov(
+    p: Array,
+    g: Array,
+    velocity: Array,
+    *,
+    learning_rate: float,
+    momentum: float,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    xp: Namespace,
+) -> tuple[Array, Array]:
+    """SGD with Nesterov momentum, in the seed's velocity form.
+
+    ``g = g + l1*sign(p) + l2*p``; ``v = momentum*v - lr*g``;
+    ``p = p + momentum*v - lr*g`` (the look-ahead step). With a constant learning rate
+    this is PyTorch's ``SGD(nesterov=True)``, whose buffer is ``-v/lr``.
+
+    Returns:
+        ``(p, velocity)``.
+    """
+    g = penalized_gradient(g, p, l1=l1, l2=l2, xp=xp)
+    velocity *= momentum
+    velocity -= learning_rate * g
+    p += momentum * velocity - learning_rate * g
+    return p, velocity
+
+
+def rmsprop_extended(
+    p: Array,
+    g: Array,
+    cache: Array,
+    *buffers: Array,
+    learning_rate: float,
+    decay_rate: float,
+    epsilon: float,
+    centered: bool,
+    momentum: float,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    xp: Namespace,
+) -> tuple[Array, ...]:
+    """RMSprop, optionally centered and with momentum (PyTorch's RMSprop).
+
+    ``buffers`` is ``(mean_grad,)`` if ``centered``, then ``(momentum_buffer,)`` if
+    ``momentum > 0``, in that order. With ``rho = decay_rate``:
+
+    ``g = g + l1*sign(p) + l2*p``; ``c = rho*c + (1-rho)*g**2``;
+    centered: ``a = rho*a + (1-rho)*g`` and ``d = sqrt(c - a**2) + eps``, else
+    ``d = sqrt(c) + eps``; momentum: ``b = momentum*b + g/d`` and ``p = p - lr*b``, else
+    ``p = p - lr*g/d``.
+
+    Returns:
+        ``(p, cache, *buffers)``.
+    """
+    g = penalized_gradient(g, p, l1=l1, l2=l2, xp=xp)
+    rest = list(buffers)
+    cache *= decay_rate
+    cache += (1.0 - decay_rate) * xp.square(g)
+    if centered:
+        mean_grad = rest.pop(0)
+        mean_grad *= decay_rate
+        mean_grad += (1.0 - decay_rate) * g
+        denom = xp.sqrt(cache - xp.square(mean_grad))
+        out: list[Array] = [mean_grad]
+    else:
+        denom = xp.sqrt(cache)
+        out = []
+    denom += epsilon
+    if momentum:
+        buf = rest.pop(0)
+        buf *= momentum
+        buf += g / denom
+        p -= learning_rate * buf
+        out.append(buf)
+    else:
+        p -= learning_rate * g / denom
+    return (p, cache, *out)
+
+
+def adam_amsgrad(
+    p: Array,
+    g: Array,
+    m: Array,
+    v: Array,
+    v_max: Array,
+    *,
+    learning_rate: float,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+    step_size: float,
+    sqrt_bias_correction2: float,
+    l1: float = 0.0,
+    decoupled_decay: float = 0.0,
+    xp: Namespace,
+) -> tuple[Array, Array, Array, Array]:
+    """Adam with AMSGrad: the denominator uses the running maximum of ``v``.
+
+    As :func:`adam`, with ``v_max = max(v_max, v)`` after the update of ``v`` and
+    ``p = p - (lr/bc1) * m / (sqrt(v_max)/sqrt(bc2) + eps)`` (PyTorch's
+    ``amsgrad=True``).
+
+    Returns:
+        ``(p, m, v, v_max)``.
+    """
+    g = penalized_gradient(g, p, l1=l1, l2=0.0, xp=xp)
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * xp.square(g)
+    # max(v_max, v), written into v_max itself where it is writeable:
+    # v_max += max(v - v_max, 0), with max(d, 0) = (d + |d|) / 2 (d + |d| is exactly 2d or
+    # 0); the sum equals v up to one rounding when v is more than twice v_max.
+    d = v - v_max
+    v_max += 0.5 * (d + xp.abs(d))
+    denom = xp.sqrt(v_max)
+    denom /= sqrt_bias_correction2
+    denom += epsilon
+    p -= step_size * m / denom
+    if decoupled_decay:
+        p -= learning_rate * (decoupled_decay * p)
+    return p, m, v, v_max
+
+
+# -- gradient transforms: clipping and accumulation -------------------------------------
+
+
+def clip_by_value(g: Array, *, limit: float, xp: Namespace) -> Array:
+    """Each element clipped to ``[-limit, limit]`` (a new array)."""
+    return xp.clip(g, -limit, limit)
+
+
+def sum_of_squares(g: Array, *, xp: Namespace) -> Array:
+    """``sum(g**2)`` over all elements, a 0-d array (lazy on Dask)."""
+    return xp.sum(xp.square(g))
+
+
+def clip_scale(norm: Array, *, max_norm: float, xp: Namespace) -> Array:
+    """The factor ``max_norm / max(norm, max_norm)``: exactly 1 when ``norm <= max_norm``.
+
+    Never divides by zero (``max_norm > 0``), so a zero gradient stays zero.
+    """
+    return max_norm / xp.clip(norm, min=max_norm)
+
+
+def accumulate(total: Array, g: Array, *, xp: Namespace) -> Array:
+    """``total + g``, in place where ``total`` is writeable."""
+    total += g
+    return total

@@ -130,3 +130,32 @@ def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: s
             raise TypeError(f"{label} has dtype {a.dtype}, the parameter {p.dtype}")
         if device(a) != device(p):
             raise ValueError(f"{label} is on device {device(a)}, the parameter on {device(p)}")
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def positive_integer(value: Any, name: str) -> int:
+    """``value`` as an int, checked to be an integer >= 1."""
+    number = _integer(value, name)
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number!r}")
+    return number
+
+
+def non_negative_integer(value: Any, name: str) -> int:
+    """``value`` as an int, checked to be an integer >= 0."""
+    number = _integer(value, name)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number!r}")
+    return number
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value``, checked to be a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
