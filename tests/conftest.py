@@ -152,6 +152,11 @@ def dtype(request: pytest.FixtureRequest) -> np.dtype:
     return np.dtype(request.param)
 
 
+def buffers_of(state: Any) -> list[dict[str, Any]]:
+    """The state buffers an optimizer uses (its unused optional fields are ``None``)."""
+    return [buf for buf in state[1:] if buf is not None]
+
+
 def tolerance(dtype: np.dtype) -> dict[str, float]:
     """Comparison tolerance against the float64 reference for a parameter dtype."""
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 2e-5, "atol": 2e-6}

@@ -8,7 +8,7 @@ import pytest
 import xpoptim
 
 import reference
-from conftest import tolerance
+from conftest import buffers_of, tolerance
 
 KINDS = ["SGD", "RMSprop", "Adam"]
 
@@ -26,7 +26,7 @@ def test_dask_update_is_lazy_and_keeps_chunks(assert_no_compute, kind):
         for g in grads:
             params, state = opt.update(params, {"w": da.from_array(g, chunks=(2, 3))}, state)
     assert params["w"].chunks == ((2, 2, 2), (3, 1))
-    for buffers in state[1:]:
+    for buffers in buffers_of(state):
         assert buffers["w"].chunks == ((2, 2, 2), (3, 1))
     want, _ = reference.run(kind, opt.get_config(), {"w": w}, [{"w": g} for g in grads])
     np.testing.assert_allclose(params["w"].compute(), want["w"], **tolerance(np.float64))
@@ -56,7 +56,7 @@ def test_state_and_results_stay_on_the_parameters_device(kind):
         params, state = opt.update(params, grads, state)
     for name in params:
         assert params[name].device == dev
-        for buffers in state[1:]:
+        for buffers in buffers_of(state):
             assert buffers[name].device == dev
             assert buffers[name].dtype == strict.float64
 
@@ -69,7 +69,7 @@ def test_float32_state_stays_float32(backend, kind):
     for _ in range(3):
         params, state = opt.update(params, {"w": backend.asarray(np.ones(4), np.float32)}, state)
     assert backend.to_numpy(params["w"]).dtype == np.float32
-    for buffers in state[1:]:
+    for buffers in buffers_of(state):
         assert backend.to_numpy(buffers["w"]).dtype == np.float32
 
 

@@ -467,7 +467,7 @@ def test_multisteps_k_th_call_with_a_bad_inner_state_changes_nothing():
     state = opt.init(params)
     _, state = opt.update(params, {"w": np.ones(3)}, state)
     bad = state._replace(inner=xpoptim.Adam().init(params))
-    with pytest.raises(TypeError, match="state must be a SGDState"):
+    with pytest.raises(TypeError, match="state must be SGDState"):
         opt.update(params, {"w": np.ones(3)}, bad)
     np.testing.assert_array_equal(state.accumulated["w"], np.ones(3))
     np.testing.assert_array_equal(params["w"], np.ones(3))

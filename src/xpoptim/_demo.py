@@ -164,7 +164,7 @@ def train(
             state = opt.init(params)
         params, state = opt.update(params, grads, state)
         params = _persist(params)
-        state = type(state)(state.step, *(_persist(buf) for buf in state[1:]))
+        state = type(state)(state.step, *(buf and _persist(buf) for buf in state[1:]))
         for i, d in enumerate(dense):
             d.weights, d.biases = params[f"{i}.weights"], params[f"{i}.biases"]
     out = x
