@@ -5,9 +5,15 @@ arrays. Two ways in:
 
 * ``state = opt.init(params)``; ``params, state = opt.update(params, grads, state)``
 * ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
+
+State: ``opt.state_dict()`` / ``opt.load_state_dict(sd)``, ``state_to_dict`` /
+``state_from_dict`` for a functional state, and ``save`` / ``load`` for checkpoint files
+(see docs/state.md).
 """
 
 from . import schedules, transforms
+from ._checkpoint import Checkpoint, CheckpointError, load, save
+from ._nonfinite import NonFiniteGradientError
 from ._optimizers import (
     SGD,
     Adam,
@@ -18,19 +24,29 @@ from ._optimizers import (
     RMSpropState,
     SGDState,
 )
+from ._state import FORMAT_VERSION, StateDictError, state_from_dict, state_to_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMAT_VERSION",
     "SGD",
     "Adam",
     "AdamState",
     "AdamW",
+    "Checkpoint",
+    "CheckpointError",
+    "NonFiniteGradientError",
     "Optimizer",
     "RMSprop",
     "RMSpropState",
     "SGDState",
+    "StateDictError",
     "__version__",
+    "load",
+    "save",
     "schedules",
+    "state_from_dict",
+    "state_to_dict",
     "transforms",
 ]

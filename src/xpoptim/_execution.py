@@ -20,7 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._compat import Array, Namespace, is_lazy_array, is_torch_array, is_writeable_array
+import numpy as np
+
+from ._compat import (
+    Array,
+    Namespace,
+    is_lazy_array,
+    is_torch_array,
+    is_writeable_array,
+    to_device,
+)
 
 
 def updates_in_place(x: Array) -> bool:
@@ -77,3 +86,67 @@ def apply_rule(
     return tuple(
         old if updates_in_place(old) else new for old, new in zip(updated, results, strict=True)
     )
+
+
+def scalars_like(scalars: dict[str, Any], p: Array, xp: Namespace) -> dict[str, Any]:
+    """``scalars`` with each array among them cast to ``p``'s dtype (Python scalars kept).
+
+    Per-step scalars become 0-d arrays when the step counter is an array (traced by
+    ``jax.jit``, or selected lazily by ``nonfinite="skip"``); a float64 0-d array would
+    promote float32 parameters and state under NumPy's rules (Dask follows them).
+    """
+    return {
+        key: xp.astype(value, p.dtype)
+        if hasattr(value, "dtype") and value.dtype != p.dtype
+        else value
+        for key, value in scalars.items()
+    }
+
+
+def values_readable(x: Array) -> bool:
+    """Whether ``bool(x)``/``int(x)`` on ``x`` is cheap and possible (not lazy, not traced)."""
+    return not bool(is_lazy_array(x))
+
+
+def to_host(x: Array) -> np.ndarray[Any, Any]:
+    """``x`` as a NumPy array in host memory (computing it if it is lazy).
+
+    The result may share memory with ``x``: copy it before ``x`` can change.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if is_torch_array(x):
+        x = x.detach()  # DLPack refuses tensors that require grad
+    try:
+        # CPU arrays of every backend (array-api-strict's emulated devices too).
+        return np.asarray(np.from_dlpack(x))
+    except (BufferError, TypeError, RuntimeError, ValueError, AttributeError):
+        pass
+    # Device arrays (CuPy: a copy to the host) and arrays without DLPack (Dask: computed).
+    return np.asarray(to_device(x, "cpu"))
+
+
+def place(
+    x: Array, xp: Namespace, *, dtype: Any = None, device: Any = None, like: Array = None
+) -> Array:
+    """A new array of namespace ``xp`` with the values of ``x``, which may come from any backend.
+
+    Args:
+        x: an array of any namespace (or NumPy).
+        xp: the target namespace.
+        dtype: the target dtype (``x``'s own by default, as ``xp`` spells it).
+        device: the target device (``xp``'s default by default).
+        like: an array of ``xp`` whose chunks to copy where arrays are chunked (Dask).
+
+    Returns:
+        An array that shares no memory with ``x``.
+    """
+    host = to_host(x)
+    if dtype is None:
+        out = xp.asarray(host, copy=True, device=device)
+    else:
+        out = xp.asarray(host, dtype=dtype, copy=True, device=device)
+    chunks = getattr(like, "chunks", None)
+    if chunks is not None and hasattr(out, "rechunk"):
+        out = out.rechunk(chunks)
+    return out
