@@ -173,12 +173,17 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any
     """The metadata and arrays of a checkpoint file, with every decoding error as one."""
     name = os.fspath(path)
     try:
-        with np.load(name, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
+        # Our own handle: np.load leaks its own when a zip turns out broken.
+        with open(name, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise CheckpointError(f"{name} is a single .npy array, not an xpoptim checkpoint")
-            if META not in z.files:
-                raise CheckpointError(f"{name} has no {META!r} member: not an xpoptim checkpoint")
-            arrays = {key: z[key] for key in z.files}
+            with loaded as z:
+                if META not in z.files:
+                    raise CheckpointError(
+                        f"{name} has no {META!r} member: not an xpoptim checkpoint"
+                    )
+                arrays = {key: z[key] for key in z.files}
     except CheckpointError:
         raise
     except (
@@ -301,8 +306,8 @@ def load(
             params = {key: place(a, target, device=device) for key, a in params_np.items()}
     try:
         if like is None and params:
-            # Buffers follow the loaded parameters (placed there now).
-            opt.load_state_dict(sd, params)
+            # Buffers follow the loaded parameters now, and the layers of step() later.
+            _state.load_state_dict(opt, sd, params, provisional=True)
         else:
             opt.load_state_dict(sd, like, xp=xp, device=device)
     except _state.StateDictError as exc:

@@ -271,16 +271,18 @@ def load_state_dict(
     *,
     xp: Namespace | None = None,
     device: Any = None,
+    provisional: bool = False,
 ) -> None:
     """Make ``sd`` the state that ``opt.step(layers)`` continues from (all checks first).
 
-    Without ``like``, the buffers are placed like their parameters when ``step`` first
+    Without ``like`` (or with ``provisional``: ``like`` are not the parameters that
+    ``step`` will see), the buffers are placed like their parameters when ``step`` first
     sees them (:func:`adopt`), after their shapes are checked.
     """
     state = state_from_dict(opt, sd, like, xp=xp, device=device)
     names = set().union(*(getattr(state, f).keys() for f in opt._buffer_fields()))
     opt._state = state
-    opt._unplaced = set() if like is not None else names
+    opt._unplaced = names if like is None or provisional else set()
 
 
 def adopt(opt: Optimizer, params: Mapping[str, Array]) -> None:
