@@ -469,3 +469,46 @@ def test_seed_layout_of_params_and_t(backend: Backend, kind, layout):
         fresh = make("Adam")
         fresh.load_state_dict(opt.state_dict())
         assert fresh.t == SPLIT
+
+
+# -- the migration recipe of docs/state.md ---------------------------------------------------
+
+
+def test_migration_recipe_from_id_keyed_seed_state():
+    """The docs' ``from_seed`` brings an id()-keyed seed state over; training goes on right."""
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "state.md").read_text()
+    block = next(b for b in text.split("```python")[1:] if "def from_seed" in b)
+    namespace: dict[str, Any] = {"xpoptim": xpoptim}
+    exec(block.split("```")[0], namespace)
+
+    params_np, grads_np = problem()
+    config = {"learning_rate": 0.01, "regularization": "L2", "weight_decay": 0.001,
+              "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}  # fmt: skip
+    mid_params, mid_state = reference.run("Adam", config, params_np, grads_np[:SPLIT])
+    layers = layers_for(BACKENDS["numpy"], mid_params)
+    w, b = layers[0].weights["weights"], layers[2].weights["bias"]
+
+    class Adam:  # what an mpneuralnetwork 1.1.1 Adam holds after SPLIT steps
+        params = {  # noqa: RUF012
+            "t": SPLIT,
+            "momentums": {id(w): mid_state["momentums"]["dense.weights"],
+                          id(b): mid_state["momentums"]["dense.bias"]},
+            "velocities": {id(w): mid_state["velocities"]["dense.weights"],
+                           id(b): mid_state["velocities"]["dense.bias"]},
+        }  # fmt: skip
+
+        def get_config(self) -> dict[str, Any]:
+            return {"type": "Adam", **config}
+
+    opt = namespace["from_seed"](Adam(), layers)
+    assert opt.t == SPLIT
+    for g in grads_np[SPLIT:]:
+        set_grads(BACKENDS["numpy"], layers, g)
+        opt.step(layers)
+    want, _ = reference.run("Adam", config, params_np, grads_np)
+    np.testing.assert_allclose(w, want["dense.weights"], **tolerance(np.float64))
+    np.testing.assert_allclose(b, want["dense.bias"], **tolerance(np.float64))
