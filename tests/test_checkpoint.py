@@ -53,7 +53,7 @@ def numpy_of(backend: Backend, params: dict[str, Any], state: Any) -> dict[str, 
         value = getattr(state, field)
         if isinstance(value, dict):
             out.update({f"{field}.{k}": backend.to_numpy(v).tobytes() for k, v in value.items()})
-        else:
+        elif value is not None:
             out[field] = int(value)
     return out
 

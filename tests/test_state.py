@@ -76,9 +76,10 @@ def as_numpy(backend: Backend, arrays: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def state_numpy(backend: Backend, state: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": int(state.step), "skipped": int(state.skipped)}
+    skipped = None if state.skipped is None else int(state.skipped)
+    out: dict[str, Any] = {"step": int(state.step), "skipped": skipped}
     for field in state._fields:
-        if field not in ("step", "skipped"):
+        if field not in ("step", "skipped") and getattr(state, field) is not None:
             out[field] = as_numpy(backend, getattr(state, field))
     return out
 

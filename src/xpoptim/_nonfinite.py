@@ -42,8 +42,19 @@ def check_policy(value: Any) -> str:
     return value
 
 
+def initial_count(policy: str) -> int | None:
+    """The ``skipped`` counter of a new state: 0 under ``"skip"``, else ``None``.
+
+    ``None`` holds no array, so the policies that never skip add no leaf to the state
+    that ``jax.jit`` traces (a jitted update compiles once, as before).
+    """
+    return 0 if policy == "skip" else None
+
+
 def check_skipped(skipped: Any) -> None:
-    """Check a state's ``skipped`` counter: an int >= 0 or an integer array."""
+    """Check a state's ``skipped`` counter: ``None``, an int >= 0 or an integer array."""
+    if skipped is None:
+        return
     if isinstance(skipped, numbers.Integral):
         if skipped < 0:
             raise ValueError(f"state.skipped must be >= 0, got {skipped}")
@@ -112,5 +123,6 @@ def select(
         if field not in ("step", "skipped") and getattr(new_state, field) is not None
     }
     step = xp.where(finite, new_state.step, old_state.step)
-    skipped = xp.where(finite, old_state.skipped, old_state.skipped + 1)
+    count = 0 if old_state.skipped is None else old_state.skipped
+    skipped = xp.where(finite, count, count + 1)
     return params, type(new_state)(step=step, skipped=skipped, **fields)

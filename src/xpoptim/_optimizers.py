@@ -34,12 +34,13 @@ class SGDState(NamedTuple):
         step: number of updates applied so far (a Python int; a traced integer under
             ``jax.jit``).
         velocities: parameter name -> velocity ``v``.
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``).
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     velocities: dict[str, Array]
-    skipped: Any = 0
+    skipped: Any = None
 
 
 class RMSpropState(NamedTuple):
@@ -52,14 +53,15 @@ class RMSpropState(NamedTuple):
             only, else ``None``).
         momentum_buffer: parameter name -> momentum buffer (``momentum > 0`` only, else
             ``None``).
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``).
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     cache: dict[str, Array]
     mean_grad: dict[str, Array] | None = None
     momentum_buffer: dict[str, Array] | None = None
-    skipped: Any = 0
+    skipped: Any = None
 
 
 class AdamState(NamedTuple):
@@ -71,14 +73,15 @@ class AdamState(NamedTuple):
         velocities: parameter name -> second moment ``v``.
         max_velocities: parameter name -> running maximum of ``v`` (``amsgrad=True``
             only, else ``None``).
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``).
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     momentums: dict[str, Array]
     velocities: dict[str, Array]
     max_velocities: dict[str, Array] | None = None
-    skipped: Any = 0
+    skipped: Any = None
 
 
 class Optimizer:
@@ -223,7 +226,7 @@ class Optimizer:
             field: {name: xp.zeros_like(p) for name, p in params.items()}  # type: ignore[union-attr]
             for field in self._buffer_fields()
         }
-        return self.State(step=0, **buffers)
+        return self.State(step=0, **buffers, skipped=_nonfinite.initial_count(self.nonfinite))
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -273,7 +276,7 @@ class Optimizer:
         step = self._check_state(state, params, xp) + 1
         finite = _nonfinite.all_finite(self.nonfinite, grads, xp)
         if finite is False:  # "skip", read eagerly: nothing to compute
-            return dict(params), state._replace(skipped=state.skipped + 1)
+            return dict(params), state._replace(skipped=(state.skipped or 0) + 1)
         shared = self._step_scalars(step)
         # A step counter that is an array (traced, or selected lazily by "skip") makes
         # array scalars: give them each parameter's dtype, or float32 would promote.

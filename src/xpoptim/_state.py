@@ -90,7 +90,7 @@ def state_to_dict(opt: Optimizer, state: Any) -> dict[str, Any]:
                 f"got {type(state).__name__}"
             )
         step = _counter(state.step, "step")
-        skipped = _counter(state.skipped, "skipped")
+        skipped = 0 if state.skipped is None else _counter(state.skipped, "skipped")
         buffers = {
             field: {name: _snapshot(a) for name, a in getattr(state, field).items()}
             for field in fields
@@ -261,7 +261,9 @@ def state_from_dict(
             }
             for field, arrays in buffers.items()
         }
-    return opt.State(step=step, skipped=skipped, **placed)
+    # Policies other than "skip" count nothing (None), unless there is a count to keep.
+    count = skipped if skipped or opt.nonfinite == "skip" else None
+    return opt.State(step=step, skipped=count, **placed)
 
 
 def load_state_dict(
