@@ -401,3 +401,32 @@ def test_save_survives_sigkill_at_random_moments(tmp_path):
     # Some kills landed inside a write (a torn temporary left, or the new file just in).
     assert leftovers or outcomes["new"], outcomes
     print(f"SIGKILL trials: {trials}, outcomes {outcomes}, temporaries left {len(leftovers)}")
+
+
+def test_a_schedule_is_saved_by_config_and_resumes(tmp_path):
+    """A built-in schedule travels in the config; its position is the state's step."""
+    numpy_session_only()
+    from xpoptim import schedules
+
+    def make():
+        rate = schedules.WarmupCosineDecay(0.0, 0.1, warmup_steps=2, decay_steps=6)
+        return xpoptim.SGD(learning_rate=rate, momentum=0.5, nonfinite="skip")
+
+    params_np, grads_np = problem()
+    np_backend = BACKENDS["numpy"]
+    full = make()
+    fresh = {k: v.copy() for k, v in params_np.items()}  # updates happen in place
+    full_params, full_state = run(np_backend, full, fresh, full.init(fresh), grads_np)
+    first = make()
+    fresh = {k: v.copy() for k, v in params_np.items()}
+    params, state = run(np_backend, first, fresh, first.init(fresh), grads_np[:SPLIT])
+    xpoptim.save(tmp_path / "s.npz", first, params, state=state)
+    ck = xpoptim.load(tmp_path / "s.npz")
+    assert ck.optimizer.get_config() == full.get_config()
+    params, state = run(np_backend, ck.optimizer, ck.params, ck.state, grads_np[SPLIT:])
+    assert numpy_of(np_backend, params, state) == numpy_of(np_backend, full_params, full_state)
+    # A schedule that is only a Python function has no config to write: refused, no file.
+    opt = xpoptim.SGD(learning_rate=lambda count: 0.1)
+    with pytest.raises(TypeError, match="cannot write"):
+        xpoptim.save(tmp_path / "f.npz", opt, params_np, state=opt.init(params_np))
+    assert not (tmp_path / "f.npz").exists()
