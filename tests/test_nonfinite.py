@@ -204,3 +204,39 @@ def test_skip_under_jax_jit(dtype_name):
         np.testing.assert_allclose(got, w, **tolerance(dtype))
     # A jit-built state still makes a state dict (its counters are concrete here).
     assert opt.state_dict(state)["skipped"] == len(BAD)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_param_groups_decide_once_for_every_group(backend: Backend, policy, assert_no_compute):
+    """A NaN in one group's gradient skips (or refuses) the update of every group."""
+    from xpoptim import transforms
+
+    params_np, grads_np = problem(np.float64)
+    opt = transforms.ParamGroups(
+        xpoptim.Adam(**CONFIG, nonfinite=policy),
+        [{"params": ["dense.weights"], "learning_rate": 0.01}],
+    )
+    params = {k: backend.asarray(v) for k, v in params_np.items()}
+    state = opt.init(params)
+    first = {k: backend.asarray(v) for k, v in grads_np[0].items()}
+    if policy == "raise" and not backend.eager_writeable:
+        with pytest.raises(TypeError, match="nonfinite='raise' must read"):
+            opt.update(params, first, state)
+        return
+    params, state = opt.update(params, first, state)
+    before = {k: backend.to_numpy(v).tobytes() for k, v in params.items()}
+    bad = {k: backend.asarray(v) for k, v in grads_np[1].items()}  # NaN in dense.bias only
+    if policy == "raise":
+        with pytest.raises(xpoptim.NonFiniteGradientError, match=r"'dense\.bias'") as info:
+            opt.update(params, bad, state)
+        assert "dense.weights" not in str(info.value)
+        assert {k: backend.to_numpy(v).tobytes() for k, v in params.items()} == before
+        return
+    lazy = assert_no_compute() if backend.lazy else contextlib.nullcontext()
+    with lazy:
+        params, state = opt.update(params, bad, state)
+    assert {k: backend.to_numpy(v).tobytes() for k, v in params.items()} == before
+    assert [int(sub.skipped) for sub in state.groups] == [1, 1]
+    assert [int(sub.step) for sub in state.groups] == [1, 1]
+    with pytest.raises(ValueError, match="cannot change nonfinite"):
+        transforms.ParamGroups(xpoptim.SGD(), [{"params": ["w"], "nonfinite": "raise"}])
