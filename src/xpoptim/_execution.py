@@ -17,7 +17,7 @@ Gradients are inputs only: no rule writes to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,22 @@ def apply_rule(
     return tuple(
         old if updates_in_place(old) else new for old, new in zip(updated, results, strict=True)
     )
+
+
+def select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
+    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, over nested state.
+
+    Lazy and traceable (``xp.where``): how Dask and ``jax.jit`` keep a data-dependent
+    choice without reading ``flag``. ``None`` entries (unused state fields) stay ``None``.
+    """
+    if new is None:
+        return None
+    if isinstance(new, Mapping):
+        return {k: select(flag, new[k], old[k], xp) for k in new}
+    if isinstance(new, tuple):
+        parts = [select(flag, n, o, xp) for n, o in zip(new, old, strict=True)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return xp.where(flag, new, old)
 
 
 def scalars_like(scalars: dict[str, Any], p: Array, xp: Namespace) -> dict[str, Any]:

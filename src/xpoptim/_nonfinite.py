@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._compat import Array, Namespace
+from ._execution import select as select_tree
 from ._execution import values_readable
 
 POLICIES = ("propagate", "skip", "raise")
@@ -113,16 +114,11 @@ def select(
     """
     new_params, new_state = new
     old_params, old_state = old
-    params = {name: xp.where(finite, p, old_params[name]) for name, p in new_params.items()}
-    fields = {
-        field: {
-            name: xp.where(finite, b, getattr(old_state, field)[name])
-            for name, b in getattr(new_state, field).items()
-        }
-        for field in new_state._fields
-        if field not in ("step", "skipped") and getattr(new_state, field) is not None
-    }
-    step = xp.where(finite, new_state.step, old_state.step)
     count = 0 if old_state.skipped is None else old_state.skipped
-    skipped = xp.where(finite, count, count + 1)
-    return params, type(new_state)(step=step, skipped=skipped, **fields)
+    chosen: tuple[dict[str, Array], Any] = select_tree(
+        finite,
+        (new_params, new_state._replace(skipped=count)),
+        (old_params, old_state._replace(skipped=count + 1)),
+        xp,
+    )
+    return chosen

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from . import _nonfinite, _rules, _selection
 from . import _validation as check
 from ._compat import Array, Namespace
+from ._execution import select as _select
 from ._execution import updates_in_place
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -299,18 +300,6 @@ class MultiStepsState(NamedTuple):
     mini_step: Any
     accumulated: dict[str, Array]
     inner: Any
-
-
-def _select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
-    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, over nested state."""
-    if new is None:
-        return None
-    if isinstance(new, Mapping):
-        return {k: _select(flag, new[k], old[k], xp) for k in new}
-    if isinstance(new, tuple):
-        parts = [_select(flag, n, o, xp) for n, o in zip(new, old, strict=True)]
-        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
-    return xp.where(flag, new, old)
 
 
 class MultiSteps(_Wrapper):
