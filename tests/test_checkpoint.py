@@ -430,3 +430,18 @@ def test_a_schedule_is_saved_by_config_and_resumes(tmp_path):
     with pytest.raises(TypeError, match="cannot write"):
         xpoptim.save(tmp_path / "f.npz", opt, params_np, state=opt.init(params_np))
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_load_like_parameters_that_do_not_fit_is_refused(tmp_path):
+    numpy_session_only()
+    path = tmp_path / "ckpt.npz"
+    _good(path)
+    params_np, _ = problem()
+    wrong_shape = {**params_np, "dense.bias": np.zeros(4)}
+    with pytest.raises(xpoptim.CheckpointError, match=r"saved params\['dense.bias'\] has shape"):
+        xpoptim.load(path, like=wrong_shape)
+    with pytest.raises(xpoptim.CheckpointError, match=r"missing \['dense.bias'\]"):
+        xpoptim.load(path, like={"dense.weights": params_np["dense.weights"]})
+    ck = xpoptim.load(path, like={k: v.astype(np.float32) for k, v in params_np.items()})
+    assert ck.params["dense.bias"].dtype == np.float32
+    assert ck.state.momentums["dense.bias"].dtype == np.float32

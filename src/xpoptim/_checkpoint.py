@@ -234,6 +234,30 @@ def _resolve(
     return out
 
 
+def _place_params(
+    opt: Optimizer,
+    params_np: Mapping[str, np.ndarray[Any, Any]],
+    like: Any,
+    xp: Namespace | None,
+    device: Any,
+) -> dict[str, Array]:
+    """The saved parameters, placed like ``like``, or in ``xp`` (NumPy by default)."""
+    if like is None:
+        target = xp if xp is not None else array_namespace(np.empty(0))
+        return {key: place(a, target, device=device) for key, a in params_np.items()}
+    targets = _state._as_params(opt, like)
+    _state._keys(params_np.keys(), targets.keys(), "like, against the saved params")
+    placed = {}
+    for key, a in params_np.items():
+        p = targets[key]
+        if tuple(p.shape) != a.shape:
+            raise _state.StateDictError(
+                f"saved params[{key!r}] has shape {a.shape}, like {tuple(p.shape)}"
+            )
+        placed[key] = place(a, array_namespace(p), dtype=p.dtype, device=device_of(p), like=p)
+    return placed
+
+
 def load(
     path: PathLike,
     like: Any = None,
@@ -286,25 +310,8 @@ def load(
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{name}: the saved config does not build a {kind}: {exc}") from exc
 
-    params: dict[str, Array] | None = None
-    if params_np is not None:
-        if like is not None:
-            targets = _state._as_params(opt, like)
-            _state._keys(targets.keys(), params_np.keys(), f"{name}: saved params vs like")
-            params = {}
-            for key, a in params_np.items():
-                p = targets[key]
-                if tuple(p.shape) != a.shape:
-                    raise CheckpointError(
-                        f"{name}: saved params[{key!r}] has shape {a.shape}, like {p.shape}"
-                    )
-                params[key] = place(
-                    a, array_namespace(p), dtype=p.dtype, device=device_of(p), like=p
-                )
-        else:
-            target = xp if xp is not None else array_namespace(np.empty(0))
-            params = {key: place(a, target, device=device) for key, a in params_np.items()}
     try:
+        params = None if params_np is None else _place_params(opt, params_np, like, xp, device)
         if like is None and params:
             # Buffers follow the loaded parameters now, and the layers of step() later.
             _state.load_state_dict(opt, sd, params, provisional=True)

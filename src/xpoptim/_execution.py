@@ -133,13 +133,24 @@ def to_host(x: Array) -> np.ndarray[Any, Any]:
         return x
     if is_torch_array(x):
         x = x.detach()  # DLPack refuses tensors that require grad
-    try:
-        # CPU arrays of every backend (array-api-strict's emulated devices too).
-        return np.asarray(np.from_dlpack(x))
-    except (BufferError, TypeError, RuntimeError, ValueError, AttributeError):
-        pass
-    # Device arrays (CuPy: a copy to the host) and arrays without DLPack (Dask: computed).
-    return np.asarray(to_device(x, "cpu"))
+    attempts = (
+        # CPU arrays of every backend, array-api-strict's emulated devices too: no copy.
+        lambda: np.from_dlpack(x),
+        # Device arrays (CuPy, CUDA tensors: a copy to the host); Dask: computed.
+        lambda: np.asarray(to_device(x, "cpu")),
+        # Anything else NumPy can convert (JAX on an accelerator).
+        lambda: np.asarray(x),
+    )
+    errors = []
+    for attempt in attempts:
+        try:
+            return np.asarray(attempt())
+        except Exception as exc:  # each library raises its own kind
+            errors.append(f"{type(exc).__name__}: {exc}")
+    raise TypeError(
+        f"cannot bring a {type(x).__module__}.{type(x).__name__} to host memory: "
+        + "; ".join(errors)
+    )
 
 
 def place(
