@@ -98,7 +98,8 @@ def _write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
+            if hasattr(os, "fchmod"):  # POSIX; mkstemp made it 0o600
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -107,6 +108,8 @@ def _write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if os.name != "posix":  # Windows cannot open a directory to fsync it
+        return
     # Make the rename itself durable.
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
