@@ -133,6 +133,9 @@ def test_resume_through_update_is_bit_identical(backend: Backend, dtype, kind):
     params = {k: backend.asarray(v) for k, v in saved_params.items()}
     state = xpoptim.state_from_dict(second, sd, like=params)
     assert state.step == SPLIT
+    if backend.lazy:  # placed with the parameters' chunks
+        for name, p in params.items():
+            assert state[1][name].chunks == p.chunks, name
     params, state = run(params, state, second, grads_np[SPLIT:])
     assert_identical(as_numpy(backend, params), as_numpy(backend, full_params))
     assert_identical(state_numpy(backend, state), state_numpy(backend, full_state))

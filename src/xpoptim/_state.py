@@ -249,14 +249,15 @@ def state_from_dict(
             field: {name: _like_param(a, params[name]) for name, a in arrays.items()}
             for field, arrays in buffers.items()
         }
-    else:
+    elif xp is not None:
+        placed = {
+            field: {name: place(a, xp, device=device) for name, a in arrays.items()}
+            for field, arrays in buffers.items()
+        }
+    else:  # a copy where each buffer is (Dask chunks kept)
         placed = {
             field: {
-                name: place(
-                    a,
-                    xp if xp is not None else array_namespace(a),
-                    device=device if xp is not None else device_of(a),
-                )
+                name: place(a, array_namespace(a), device=device_of(a), like=a)
                 for name, a in arrays.items()
             }
             for field, arrays in buffers.items()
