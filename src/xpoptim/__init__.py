@@ -7,6 +7,7 @@ arrays. Two ways in:
 * ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
 """
 
+from ._execution import LazyGraphWarning, persist
 from ._optimizers import (
     SGD,
     Adam,
@@ -16,6 +17,7 @@ from ._optimizers import (
     RMSpropState,
     SGDState,
 )
+from ._outofcore import OutOfCore, StepSummary, StoreError
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,14 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamState",
+    "LazyGraphWarning",
     "Optimizer",
+    "OutOfCore",
     "RMSprop",
     "RMSpropState",
     "SGDState",
+    "StepSummary",
+    "StoreError",
     "__version__",
+    "persist",
 ]

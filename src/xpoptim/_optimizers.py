@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 from . import _rules
 from . import _validation as check
 from ._compat import Array, Namespace
-from ._execution import apply_rule, updates_in_place
+from ._execution import apply_rule, updates_in_place, warn_if_deep
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -229,6 +229,7 @@ class Optimizer:
             new_params[name] = p_new
             for field, b in zip(fields, b_new, strict=True):
                 new_buffers[field][name] = b
+        warn_if_deep(new_params)
         return new_params, self.State(step, **new_buffers)
 
     # -- the seed's layer protocol ---------------------------------------------------------
