@@ -360,6 +360,11 @@ class OutOfCore:
         """The parameter names."""
         return list(self._arrays)
 
+    @property
+    def layout(self) -> dict[str, dict[str, Any]]:
+        """name -> ``{"shape", "dtype", "chunks"}`` of each parameter (and its state)."""
+        return {name: dict(meta) for name, meta in self._arrays.items()}
+
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
 
@@ -429,14 +434,27 @@ class OutOfCore:
                     f"step={step} but the store has committed {committed} steps: "
                     f"the next step is {committed + 1}"
                 )
+        self.optimizer._validate_hyperparameters()
         old = self._open_version(pointer["version"], mode="r")
         gradients = self._check_grads(grads, rechunk)
-        params = {n: da.from_zarr(old[f"params/{n}"]) for n in self._arrays}
-        state = self.optimizer.State(
-            committed,
-            **{f: {n: da.from_zarr(old[f"{f}/{n}"]) for n in self._arrays} for f in self._fields},
-        )
-        new_params, new_state = self.optimizer.update(params, gradients, state)  # lazy
+        # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
+        # read: the same rule as in memory, in place on buffers the task owns. (Running
+        # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
+        # temporary per operation: 3-5x slower here.)
+        optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
+        outputs = {}
+        for n in self._arrays:
+            inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
+            inputs += [da.from_zarr(old[f"{f}/{n}"]) for f in self._fields]
+            outputs[n] = da.apply_gufunc(
+                _update_chunk,
+                ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
+                *inputs,
+                output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
+                optimizer=optimizer,
+                param=n,
+                step=committed + 1,
+            )
 
         # Nothing has changed on disk so far. From here on, only v{k+1} is written
         # until the pointer flips.
@@ -444,14 +462,12 @@ class OutOfCore:
         self._collect_garbage(keep=pointer["version"])
         targets = self._create_version(new_version)
         _phase("created")
-        sources, outputs = [], []
+        sources: list[Any] = []
+        destinations: list[Any] = []
         for n in self._arrays:
-            sources.append(new_params[n])
-            outputs.append(targets[f"params/{n}"])
-            for f in self._fields:
-                sources.append(getattr(new_state, f)[n])
-                outputs.append(targets[f"{f}/{n}"])
-        stored = da.store(sources, outputs, lock=False, compute=False)
+            sources.extend(outputs[n])
+            destinations.extend(targets[key] for key in (f"params/{n}", *self._field_keys(n)))
+        stored = da.store(sources, destinations, lock=False, compute=False)
         workers = num_workers or self.num_workers
         self._compute(stored, client, progress=progress, num_workers=workers)
         _phase("stored")
@@ -517,11 +533,13 @@ class OutOfCore:
             out[name] = dg
         return out
 
+    def _field_keys(self, name: str) -> list[str]:
+        return [f"{f}/{name}" for f in self._fields]
+
     def _paths(self) -> Iterator[str]:
         for n in self._arrays:
             yield f"params/{n}"
-            for f in self._fields:
-                yield f"{f}/{n}"
+            yield from self._field_keys(n)
 
     def _create_version(self, version: str) -> dict[str, Any]:
         """Empty arrays for ``version`` (replacing leftovers of an interrupted attempt)."""
@@ -607,6 +625,23 @@ class OutOfCore:
             bar = _lazy("dask.diagnostics").ProgressBar()
         with bar:
             dask.compute(stored, scheduler="threads", num_workers=num_workers)
+
+
+def _update_chunk(
+    p: Any, g: Any, *buffers: Any, optimizer: Optimizer, param: str, step: int
+) -> tuple[Any, ...]:
+    """Step ``step`` of ``optimizer`` on one chunk of parameter ``param`` and its state.
+
+    The optimizer's public ``update`` on NumPy chunks (elementwise rules: a chunk can be
+    stepped alone). It may update ``p`` and ``buffers`` in place: they are chunks this
+    step's task read from the store for itself. ``g`` is never written.
+    """
+    fields = optimizer.State._fields[1:]
+    state = optimizer.State(
+        step - 1, **{f: {param: b} for f, b in zip(fields, buffers, strict=True)}
+    )
+    new_params, new_state = optimizer.update({param: p}, {param: g}, state)
+    return (new_params[param], *(getattr(new_state, f)[param] for f in fields))
 
 
 def _itemsize(dtype: str) -> int:
