@@ -82,9 +82,9 @@ def apply_rule(
 
 # -- lazy (Dask) graphs: one step, then commit ---------------------------------------------
 
-#: A lazy parameter whose graph has more layers than this makes ``update`` warn: about 20
-#: chained Adam steps (13 layers each), far below the ~90 where Dask recursion fails.
-MAX_LAZY_LAYERS = 256
+#: A lazy parameter whose graph has more layers than this makes ``update`` warn: 30 to 40
+#: chained Adam steps (13 to 17 layers each), well below the ~90 where Dask fails.
+MAX_LAZY_LAYERS = 512
 
 
 class LazyGraphWarning(UserWarning):

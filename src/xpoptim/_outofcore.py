@@ -615,10 +615,10 @@ class OutOfCore:
         dask = _lazy("dask")
 
         if client is not None:
-            future = client.compute(stored)
+            futures = client.compute(stored)
             if progress:
-                _lazy("distributed").progress(future)
-            future.result()
+                _lazy("distributed").progress(futures)
+            client.gather(futures)
             return
         bar: Any = contextlib.nullcontext()
         if progress:

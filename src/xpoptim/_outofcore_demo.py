@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +124,39 @@ def synthetic_layout(
             "chunks": [WIDTH],
         }
     return layout
+
+
+def run_synthetic_steps(
+    directory: str | Path,
+    until: int,
+    *,
+    seed: int = 0,
+    delay_s: float = 0.0,
+    num_workers: int | None = None,
+    crash_at: str | None = None,
+    ready: Any = None,
+) -> None:
+    """Resume the store in ``directory`` and step it with synthetic gradients up to step
+    ``until``: re-running it after a crash continues where the last commit left off.
+
+    ``crash_at`` kills this process with SIGKILL when a step reaches that phase (see
+    :data:`xpoptim._outofcore._phase_hook`); ``ready`` (an event) is set once the store
+    is open. Both serve the crash tests, which run this in a forked process.
+    """
+    from . import _outofcore
+
+    if crash_at is not None:
+
+        def crash(phase: str) -> None:
+            if phase == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        _outofcore._phase_hook = crash
+    store = OutOfCore.open(directory, num_workers=num_workers)
+    if ready is not None:
+        ready.set()
+    for t in range(store.step_count + 1, until + 1):
+        store.step(synthetic_arrays(store.layout, seed, t, delay_s=delay_s), step=t)
 
 
 def peak_rss_bytes() -> int:
