@@ -19,6 +19,8 @@ its own (the verification and the crash tests rely on this).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import math
 import os
 import re
@@ -292,6 +294,21 @@ def run_out_of_core_demo(
     return figures
 
 
+def cap_address_space(limit: int, echo: Callable[[str], Any] = print) -> None:
+    """A hard cap on this process's memory: ``RLIMIT_AS`` (what ``ulimit -v`` sets).
+
+    The address space counts reservations as well as memory in use, and glibc reserves
+    64 MiB of address space per malloc arena (up to 8 per core, one per busy thread), so
+    the cap also limits glibc to 2 arenas (``MALLOC_ARENA_MAX=2``) where it can.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_arena_max = -8  # glibc's <malloc.h>
+        libc.mallopt(m_arena_max, 2)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    echo(f"address space capped at {limit / 2**20:.0f} MiB (RLIMIT_AS)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m xpoptim._outofcore_demo DIR --size 3GB [--max-memory 1GiB]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -309,9 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.max_memory:
-        cap = parse_size(args.max_memory)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        print(f"address space capped at {cap / 2**20:.0f} MiB (RLIMIT_AS)")
+        cap_address_space(parse_size(args.max_memory))
     run_out_of_core_demo(
         args.directory,
         args.size,
