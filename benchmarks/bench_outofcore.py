@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "disk_write_fsync_gb_per_s": rows[0].bytes_written / disk["write_fsync_s"] / 1e9,
         "disk_read_gb_per_s": rows[0].bytes_read / disk["read_s"] / 1e9,
         "disk_gb_per_s_same_volume": disk_gbs,
-        "ratio_median_step_to_disk": float(np.median(step_gbs)) / disk_gbs,
+        # Step 1 reads the zero state from Zarr's fill value, not from the disk.
+        "ratio_median_step_to_disk": float(np.median(step_gbs[1:] or step_gbs)) / disk_gbs,
         "peak_rss_bytes": peak_rss_bytes(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "python": sys.version.split()[0],
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'out-of-core Adam step {t}':<44}{gbs:>10.3f}")
     print("-" * 54)
     print(
-        f"median step / disk = {result['ratio_median_step_to_disk']:.0%} (disk: mean of a "
+        f"median step (from step 2) / disk = {result['ratio_median_step_to_disk']:.0%} "
+        "(disk: mean of a "
         "measure before and one after the steps); "
         f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of data"
     )

@@ -35,6 +35,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -55,6 +56,7 @@ POINTER = "xpoptim.json"
 #: Default target size of one chunk when the chunks are chosen automatically.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
+_VERSION = re.compile(r"v[0-9]+")
 _OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, RMSprop, Adam)}
 
 #: Test hook: called with the name of each phase of a step (``"created"``, ``"stored"``,
@@ -83,7 +85,8 @@ class StepSummary:
     Attributes:
         step: the committed step count after the call.
         skipped: True when the step had already been committed (an idempotent re-run).
-        bytes_read: bytes of parameters and state read from the store.
+        bytes_read: bytes of parameters and state read from the store (at step 1 the
+            zero state is Zarr's fill value: not on disk, not actually read).
         bytes_gradient: bytes of gradient consumed (read from Zarr or computed by Dask).
         bytes_written: bytes of parameters and state written.
         elapsed_s: wall time of the whole step (compute, write, flush, commit, cleanup).
@@ -473,6 +476,7 @@ class OutOfCore:
         _phase("stored")
         flush_start = time.perf_counter()
         _fsync_tree(self.directory / new_version, workers or os.cpu_count() or 1)
+        _fsync_path(self.directory)  # the entry of v{k+1} itself, before the pointer names it
         flush_s = time.perf_counter() - flush_start
         _phase("flushed")
         self._commit(committed + 1, new_version)
@@ -603,7 +607,7 @@ class OutOfCore:
     def _collect_garbage(self, keep: str) -> None:
         """Delete every version but ``keep``, and stray temporary pointer files."""
         for entry in self.directory.iterdir():
-            if entry.is_dir() and entry.name.startswith("v") and entry.name != keep:
+            if entry.is_dir() and _VERSION.fullmatch(entry.name) and entry.name != keep:
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.name.startswith(f"{POINTER}.tmp-"):
                 entry.unlink(missing_ok=True)
