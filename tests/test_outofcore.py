@@ -464,8 +464,6 @@ def test_worker_killed_mid_step_on_a_local_cluster(tmp_path):
     optimizer = xpoptim.Adam(learning_rate=0.01, regularization="L1")
     want = in_memory(optimizer, params, [grads])[-1]
     chunks = {k: tuple(m["chunks"]) for k, m in layout.items()}
-    store = xpoptim.OutOfCore.create(tmp_path / "d", optimizer, params, chunks=chunks)
-
     with (
         distributed.LocalCluster(
             host="127.0.0.1",
@@ -476,6 +474,9 @@ def test_worker_killed_mid_step_on_a_local_cluster(tmp_path):
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
+        store = xpoptim.OutOfCore.create(
+            tmp_path / "d", optimizer, params, chunks=chunks, client=client
+        )
         slow = synthetic_arrays(store.layout, KILL_SEED, 1, delay_s=0.05)  # ~3 s of work
         result: dict[str, Any] = {}
         worker = threading.Thread(
