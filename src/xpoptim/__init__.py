@@ -8,6 +8,7 @@ arrays. Two ways in:
 """
 
 from . import schedules, transforms
+from ._execution import LazyGraphWarning, persist
 from ._optimizers import (
     SGD,
     Adam,
@@ -18,6 +19,7 @@ from ._optimizers import (
     RMSpropState,
     SGDState,
 )
+from ._outofcore import OutOfCore, StepSummary, StoreError
 
 __version__ = "0.1.0"
 
@@ -26,11 +28,16 @@ __all__ = [
     "Adam",
     "AdamState",
     "AdamW",
+    "LazyGraphWarning",
     "Optimizer",
+    "OutOfCore",
     "RMSprop",
     "RMSpropState",
     "SGDState",
+    "StepSummary",
+    "StoreError",
     "__version__",
+    "persist",
     "schedules",
     "transforms",
 ]

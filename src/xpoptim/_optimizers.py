@@ -20,7 +20,7 @@ from . import _rules, _selection
 from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
-from ._execution import apply_rule, updates_in_place
+from ._execution import apply_rule, updates_in_place, warn_if_deep
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -270,6 +270,7 @@ class Optimizer:
             new_params[name] = p_new
             for field, b in zip(fields, b_new, strict=True):
                 new_buffers[field][name] = b
+        warn_if_deep(new_params)
         return new_params, self.State(step, **new_buffers)
 
     # -- the seed's layer protocol ---------------------------------------------------------
