@@ -79,11 +79,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """Train a small MLP with SGD, RMSprop and Adam: ``nox -s demo -- --backend torch``."""
+    """The demo: ``nox -s demo [-- --backend torch | --out-of-core DIR --size 3GB]``."""
     backend = "numpy"
     if "--backend" in session.posargs:
         backend = session.posargs[session.posargs.index("--backend") + 1]
-    session.install(".[demo]", *BACKENDS.get(backend, [])[1:])
-    if backend == "dask":
-        session.install(".[dask,demo]")
+    extras = "dask,demo" if backend == "dask" or "--out-of-core" in session.posargs else "demo"
+    session.install(f".[{extras}]", *BACKENDS.get(backend, [])[1:])
     session.run("python", "-m", "xpoptim", "demo", *session.posargs)

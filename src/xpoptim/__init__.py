@@ -13,6 +13,7 @@ State: ``opt.state_dict()`` / ``opt.load_state_dict(sd)``, ``state_to_dict`` /
 
 from . import schedules, transforms
 from ._checkpoint import Checkpoint, CheckpointError, load, save
+from ._execution import LazyGraphWarning, persist
 from ._nonfinite import NonFiniteGradientError
 from ._optimizers import (
     SGD,
@@ -24,6 +25,7 @@ from ._optimizers import (
     RMSpropState,
     SGDState,
 )
+from ._outofcore import OutOfCore, StepSummary, StoreError
 from ._state import FORMAT_VERSION, StateDictError, state_from_dict, state_to_dict
 
 __version__ = "0.1.0"
@@ -36,14 +38,19 @@ __all__ = [
     "AdamW",
     "Checkpoint",
     "CheckpointError",
+    "LazyGraphWarning",
     "NonFiniteGradientError",
     "Optimizer",
+    "OutOfCore",
     "RMSprop",
     "RMSpropState",
     "SGDState",
     "StateDictError",
+    "StepSummary",
+    "StoreError",
     "__version__",
     "load",
+    "persist",
     "save",
     "schedules",
     "state_from_dict",

@@ -1,4 +1,9 @@
-"""Command line: ``python -m xpoptim demo [--backend B] [--steps N] [--out DIR]``."""
+"""Command line of xpoptim.
+
+``python -m xpoptim demo [--backend B] [--steps N] [--out DIR]`` trains a small MLP with
+SGD, RMSprop and Adam; ``python -m xpoptim demo --out-of-core DIR --size 3GB
+[--max-memory 1GiB]`` runs Adam out of core on a synthetic parameter set of that size.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="train a small MLP with SGD, RMSprop and Adam and plot the loss curves"
     )
     demo.add_argument("--backend", default="numpy", choices=sorted(BACKEND_MODULES))
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.add_argument(
+        "--steps", type=int, default=None, help="steps (default 300; 3 with --out-of-core)"
+    )
     demo.add_argument("--samples", type=int, default=900, help="data set size (default 900)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo-out", help="folder for the PNG (default demo-out)")
+    ooc = demo.add_argument_group("out of core (needs xpoptim[dask])")
+    ooc.add_argument("--out-of-core", metavar="DIR", help="run Adam out of core in DIR")
+    ooc.add_argument("--size", default="3GB", help="parameters + state + gradient (default 3GB)")
+    ooc.add_argument("--max-memory", help="hard cap on the address space, e.g. 1GiB")
+    ooc.add_argument("--chunk-size", default="16MiB", help="Zarr chunk size (default 16MiB)")
+    ooc.add_argument("--threads", type=int, default=None, help="Dask threads (default: cores)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(args.backend, steps=args.steps, samples=args.samples, seed=args.seed, out=args.out)
+    if args.out_of_core:
+        from ._outofcore_demo import cap_address_space, parse_size, run_out_of_core_demo
+
+        if args.max_memory:
+            cap_address_space(parse_size(args.max_memory))
+        run_out_of_core_demo(
+            args.out_of_core,
+            parse_size(args.size),
+            steps=args.steps or 3,
+            chunk_bytes=parse_size(args.chunk_size),
+            num_workers=args.threads,
+            seed=args.seed,
+        )
+        return 0
+    run_demo(
+        args.backend, steps=args.steps or 300, samples=args.samples, seed=args.seed, out=args.out
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ Gradients are inputs only: no rule writes to them.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -177,3 +178,77 @@ def place(
     if chunks is not None and hasattr(out, "rechunk"):
         out = out.rechunk(chunks)
     return out
+
+
+# -- lazy (Dask) graphs: one step, then commit ---------------------------------------------
+
+#: A lazy parameter whose graph has more layers than this makes ``update`` warn: 30 to 40
+#: chained Adam steps (13 to 17 layers each), well below the ~90 where Dask fails.
+MAX_LAZY_LAYERS = 512
+
+
+class LazyGraphWarning(UserWarning):
+    """Lazy steps are being chained without committing them (see :func:`persist`)."""
+
+
+def _graph_layers(x: Array) -> int:
+    """Layers of ``x``'s task graph, through the Dask collection protocol; 0 if eager."""
+    graph = getattr(x, "__dask_graph__", None)
+    if graph is None or not is_lazy_array(x):
+        return 0
+    return len(getattr(graph(), "layers", ()))
+
+
+def warn_if_deep(params: Mapping[str, Array]) -> None:
+    """Warn when the returned parameters carry a graph of many chained lazy steps.
+
+    Looks at the first parameter only (all are stepped together): one attribute lookup.
+    """
+    first = next(iter(params.values()), None)
+    layers = 0 if first is None else _graph_layers(first)
+    if layers > MAX_LAZY_LAYERS:
+        import warnings
+
+        warnings.warn(
+            f"a lazy parameter's graph has {layers} layers: update() has been chained without "
+            "computing. Each lazy step adds ~14 tasks per chunk and Dask fails near 90 steps; "
+            "commit every step with `params, state = xpoptim.persist(params, state)` (or use "
+            "xpoptim.OutOfCore for parameters that do not fit in memory)",
+            LazyGraphWarning,
+            stacklevel=3,
+        )
+
+
+def persist(params: Any, state: Any) -> tuple[Any, Any]:
+    """Compute the lazy arrays of ``(params, state)`` once and keep the results.
+
+    Call it after each :meth:`~xpoptim.Optimizer.update` on Dask arrays: the next step
+    then starts from a graph of one task per chunk instead of the whole history. The
+    parameters and every state buffer are computed together, so shared work runs once;
+    with a ``dask.distributed`` client active the results stay in the cluster's memory.
+    Eager arrays are returned as they are.
+
+    Args:
+        params: name -> array, as returned by ``update``.
+        state: the optimizer state NamedTuple returned by ``update``.
+
+    Returns:
+        ``(params, state)`` with the same structure.
+    """
+    # Buffers of the state; the optional fields an optimizer does not use are None, and
+    # the counters (step, and skipped under nonfinite="skip") are scalars or 0-d arrays.
+    fields = [f for f in type(state)._fields[1:] if isinstance(getattr(state, f), Mapping)]
+    counters = [f for f in type(state)._fields if is_lazy_array(getattr(state, f))]
+    lazy = [("params", n) for n, x in params.items() if is_lazy_array(x)]
+    lazy += [(f, n) for f in fields for n, x in getattr(state, f).items() if is_lazy_array(x)]
+    if not lazy and not counters:
+        return params, state
+    # Only lazy arrays get here, and Dask's are the lazy arrays xpoptim runs.
+    dask: Any = importlib.import_module("dask")
+    trees = {"params": dict(params), **{f: dict(getattr(state, f)) for f in fields}}
+    done = dask.persist(*(trees[f][n] for f, n in lazy), *(getattr(state, f) for f in counters))
+    for (f, n), x in zip(lazy, done[: len(lazy)], strict=True):
+        trees[f][n] = x
+    new_params = trees.pop("params")
+    kept = dict(zip(counters, done[len(lazy) :], strict=True))
+    return new_params, state._replace(**trees, **kept)

@@ -21,7 +21,7 @@ from . import _state as state_dicts
 from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
-from ._execution import apply_rule, scalars_like, updates_in_place
+from ._execution import apply_rule, scalars_like, updates_in_place, warn_if_deep
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -300,7 +300,10 @@ class Optimizer:
                 new_buffers[field][name] = b
         new_state = self.State(step, **new_buffers, skipped=state.skipped)
         if finite is not None and finite is not True:  # "skip" on lazy/traced arrays
-            return _nonfinite.select(finite, (new_params, new_state), (params, state), xp)
+            new_params, new_state = _nonfinite.select(
+                finite, (new_params, new_state), (params, state), xp
+            )
+        warn_if_deep(new_params)
         return new_params, new_state
 
     # -- the seed's layer protocol ---------------------------------------------------------

@@ -1,0 +1,185 @@
+"""Out-of-core Adam step throughput against this machine's sequential disk bandwidth.
+
+Measured in the same run, on the same file system and the same volume:
+
+* disk: write the bytes a step writes, in 64 MiB blocks, then ``fsync``; drop the file
+  from the page cache (``posix_fadvise(DONTNEED)``) and read the bytes a step reads;
+* steps: :class:`xpoptim.OutOfCore` Adam steps on a synthetic parameter set (the demo's),
+  with the committed version dropped from the page cache before each step, so that the
+  step reads from the disk too (``--warm`` keeps the cache).
+
+The store throughput of a step is (bytes read + bytes written) / step time; the disk's
+is the same volume / (write+fsync time + read time). Prints a table and writes JSON.
+
+    python benchmarks/bench_outofcore.py --size 3GB --dir /path/on/the/disk/to/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import xpoptim
+from xpoptim._outofcore_demo import (
+    parse_size,
+    peak_rss_bytes,
+    synthetic_arrays,
+    synthetic_layout,
+    verify_samples,
+)
+
+BLOCK = 64 * 2**20
+
+
+def evict(path: Path) -> None:
+    """Drop the file(s) at ``path`` from the page cache (they must be clean: fsynced)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_bandwidth(directory: Path, write_bytes: int, read_bytes: int) -> dict[str, float]:
+    """Sequential write+fsync of ``write_bytes`` and cold read of ``read_bytes``, in seconds."""
+    block = np.random.default_rng(0).random(BLOCK // 8).tobytes()
+    path = directory / "disk-bandwidth.bin"
+
+    def write(fd: int, nbytes: int) -> None:
+        while nbytes > 0:
+            nbytes -= os.write(fd, block[: min(BLOCK, nbytes)])
+        os.fsync(fd)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        start = time.perf_counter()
+        write(fd, write_bytes)
+        write_s = time.perf_counter() - start
+        write(fd, max(0, read_bytes - write_bytes))  # untimed: enough to read back
+    finally:
+        os.close(fd)
+    evict(path)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        remaining = read_bytes
+        while remaining > 0:
+            chunk = os.read(fd, min(BLOCK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    read_s = time.perf_counter() - start
+    path.unlink()
+    return {"write_fsync_s": write_s, "read_s": read_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="3GB", help="params + state + gradient (default 3GB)")
+    parser.add_argument("--dir", default=None, help="where to put the data (default: a temp dir)")
+    parser.add_argument("--chunk-size", default="16MiB")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warm", action="store_true", help="keep the page cache between steps")
+    parser.add_argument("--json", default="benchmarks/results/outofcore.json")
+    args = parser.parse_args(argv)
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="xpoptim-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    store_dir = base / "store"
+    chunk_bytes = parse_size(args.chunk_size)
+    size = parse_size(args.size)
+    layout = synthetic_layout(size // 4, chunk_bytes)
+    print(f"creating the store in {store_dir} ...", flush=True)
+    start = time.perf_counter()
+    store = xpoptim.OutOfCore.create(
+        store_dir,
+        xpoptim.Adam(),
+        synthetic_arrays(layout, 0, 0),
+        overwrite=True,
+        num_workers=args.threads,
+    )
+    create_s = time.perf_counter() - start
+
+    rows = []
+    nbytes = sum(int(np.prod(m["shape"])) * 4 for m in layout.values()) * 3
+    try:
+        before = disk_bandwidth(base, nbytes, nbytes)
+        for t in range(1, args.steps + 1):
+            if not args.warm:
+                evict(store_dir / store.version)
+            summary = store.step(synthetic_arrays(store.layout, 0, t), step=t)
+            print(summary, flush=True)
+            rows.append(summary)
+        verify_samples(store, 0, 4, np.random.default_rng(0))
+        after = disk_bandwidth(base, rows[0].bytes_written, rows[0].bytes_read)
+        # The disk is shared: average the measures taken before and after the steps.
+        disk = {k: (before[k] + after[k]) / 2 for k in before}
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+    moved = rows[0].bytes_moved
+    disk_gbs = moved / (disk["write_fsync_s"] + disk["read_s"]) / 1e9
+    step_gbs = [r.gb_per_s for r in rows]
+    result: dict[str, Any] = {
+        "size_bytes": size,
+        "param_bytes": rows[0].bytes_written // 3,
+        "chunk_bytes": chunk_bytes,
+        "threads": args.threads or os.cpu_count(),
+        "cold_reads": not args.warm,
+        "create_s": create_s,
+        "step_s": [r.elapsed_s for r in rows],
+        "step_flush_s": [r.flush_s for r in rows],
+        "step_bytes_read": rows[0].bytes_read,
+        "step_bytes_written": rows[0].bytes_written,
+        "step_gb_per_s": step_gbs,
+        "disk_seconds_before_after": [before, after],
+        "disk_write_fsync_gb_per_s": rows[0].bytes_written / disk["write_fsync_s"] / 1e9,
+        "disk_read_gb_per_s": rows[0].bytes_read / disk["read_s"] / 1e9,
+        "disk_gb_per_s_same_volume": disk_gbs,
+        # Step 1 reads the zero state from Zarr's fill value, not from the disk.
+        "ratio_median_step_to_disk": float(np.median(step_gbs[1:] or step_gbs)) / disk_gbs,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "python": sys.version.split()[0],
+    }
+    print()
+    print(f"{'measure':<44}{'GB/s':>10}")
+    print("-" * 54)
+    print(f"{'disk: write + fsync':<44}{result['disk_write_fsync_gb_per_s']:>10.3f}")
+    print(f"{'disk: read (page cache dropped)':<44}{result['disk_read_gb_per_s']:>10.3f}")
+    print(f"{'disk: step volume, write+fsync then read':<44}{disk_gbs:>10.3f}")
+    for t, gbs in enumerate(step_gbs, start=1):
+        print(f"{f'out-of-core Adam step {t}':<44}{gbs:>10.3f}")
+    print("-" * 54)
+    print(
+        f"median step (from step 2) / disk = {result['ratio_median_step_to_disk']:.0%} "
+        "(disk: mean of a "
+        "measure before and one after the steps); "
+        f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of data"
+    )
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,733 @@
+"""Out-of-core optimization: parameters and state in a Zarr group on disk, streamed by Dask.
+
+:class:`OutOfCore` keeps the parameters and every state buffer of an optimizer as Zarr
+arrays in one directory, and runs each step as one Dask computation that reads every
+chunk once and writes every output chunk once. The math is the optimizer's own
+:meth:`~xpoptim.Optimizer.update` (the rules of :mod:`xpoptim._rules`) applied to Dask
+arrays that read from Zarr: there is no second copy of the update rules here.
+
+Layout of the directory (a Zarr v3 group)::
+
+    DIR/zarr.json           root group; attributes["xpoptim"] = format, optimizer type,
+                            array names, shapes, dtypes, chunks (written once, at create)
+    DIR/v{k}/params/{name}  the parameters after step k
+    DIR/v{k}/{field}/{name} the state buffers after step k (``momentums``, ...)
+    DIR/xpoptim.json        the commit pointer: {"step": k, "version": "v{k}", optimizer config}
+
+Crash safety (the protocol, also in ``docs/out-of-core.md``): step ``k+1`` reads only
+``v{k}`` and writes only ``v{k+1}``; the data of ``v{k+1}`` is flushed (``fsync``) before
+the pointer is replaced by one atomic ``os.replace`` of a fsynced temporary file. Only
+then is ``v{k}`` deleted. A crash at any moment therefore leaves the pointer on a
+complete version. Leftovers of an interrupted step are deleted by the next step, which
+rewrites them from the committed version: re-running a step gives the same bits, and a
+Dask worker that dies mid-step only makes Dask recompute chunks of ``v{k+1}`` from
+``v{k}``, which is harmless.
+
+Memory: a step holds a few chunk-sized buffers per running task, so peak memory is
+about ``base + threads * chunk_bytes * K`` (``K`` about 10 for Adam, see the docs),
+independent of the number or size of the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _validation as check
+from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
+
+#: Identifies an xpoptim out-of-core store (root group attribute ``xpoptim.format``).
+FORMAT = "xpoptim.outofcore"
+#: Version of the on-disk layout this module reads and writes.
+FORMAT_VERSION = 1
+#: The commit pointer, in the store's root directory.
+POINTER = "xpoptim.json"
+#: Default target size of one chunk when the chunks are chosen automatically.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+_VERSION = re.compile(r"v[0-9]+")
+_OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, RMSprop, Adam, AdamW)}
+
+#: Test hook: called with the name of each phase of a step (``"created"``, ``"stored"``,
+#: ``"flushed"``, ``"committed"``, ``"collected"``). The crash tests kill the process there.
+_phase_hook: Callable[[str], None] | None = None
+
+
+def _lazy(module: str) -> Any:
+    """Import an optional dependency (Dask, Zarr) when first needed, untyped."""
+    return importlib.import_module(module)
+
+
+def _phase(name: str) -> None:
+    if _phase_hook is not None:
+        _phase_hook(name)
+
+
+class StoreError(ValueError):
+    """The directory is not a complete xpoptim out-of-core store this version can use."""
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """What one :meth:`OutOfCore.step` did.
+
+    Attributes:
+        step: the committed step count after the call.
+        skipped: True when the step had already been committed (an idempotent re-run).
+        bytes_read: bytes of parameters and state read from the store (at step 1 the
+            zero state is Zarr's fill value: not on disk, not actually read).
+        bytes_gradient: bytes of gradient consumed (read from Zarr or computed by Dask).
+        bytes_written: bytes of parameters and state written.
+        elapsed_s: wall time of the whole step (compute, write, flush, commit, cleanup).
+        flush_s: the part of ``elapsed_s`` spent in ``fsync``.
+    """
+
+    step: int
+    skipped: bool
+    bytes_read: int
+    bytes_gradient: int
+    bytes_written: int
+    elapsed_s: float
+    flush_s: float
+
+    @property
+    def bytes_moved(self) -> int:
+        """Store bytes read plus written (the gradient excluded)."""
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def gb_per_s(self) -> float:
+        """Store throughput: :attr:`bytes_moved` / :attr:`elapsed_s`, in GB/s (1e9 bytes)."""
+        return self.bytes_moved / self.elapsed_s / 1e9 if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return f"step {self.step}: already committed, nothing done"
+        return (
+            f"step {self.step}: read {self.bytes_read / 1e9:.3f} GB "
+            f"(+ {self.bytes_gradient / 1e9:.3f} GB gradient), "
+            f"wrote {self.bytes_written / 1e9:.3f} GB in {self.elapsed_s:.2f} s "
+            f"({self.gb_per_s:.2f} GB/s; fsync {self.flush_s:.2f} s)"
+        )
+
+
+# -- small file-system helpers ------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path, threads: int) -> None:
+    """fsync every file and directory under ``root`` (and ``root`` itself)."""
+    paths: list[Path] = []
+    for dirpath, _, filenames in os.walk(root):
+        paths.extend(Path(dirpath, f) for f in filenames)
+        paths.append(Path(dirpath))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(_fsync_path, paths))
+
+
+def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
+    """Replace ``path`` by ``content`` in one atomic step: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    data = json.dumps(content, indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _regular_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
+    """The Zarr chunk shape of Dask ``chunks``, or None if they are not regular."""
+    shape = []
+    for dim in chunks:
+        size = dim[0] if dim else 0
+        if any(c != size for c in dim[:-1]) or (dim and dim[-1] > size):
+            return None
+        shape.append(max(size, 1))
+    return tuple(shape)
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class OutOfCore:
+    """An optimizer whose parameters and state live in a Zarr group on disk.
+
+    Make one with :meth:`create` (new store) or :meth:`open` (existing store), then call
+    :meth:`step` once per gradient. Each step is crash-safe and idempotent (see the
+    module docstring and ``docs/out-of-core.md``).
+
+    Example:
+        >>> import numpy as np, tempfile, xpoptim
+        >>> d = tempfile.mkdtemp()
+        >>> store = xpoptim.OutOfCore.create(
+        ...     d, xpoptim.Adam(0.1, regularization=None), {"w": np.ones((4, 3), "f4")},
+        ...     chunks=(2, 3))
+        >>> summary = store.step({"w": np.full((4, 3), 0.5, "f4")})
+        >>> store.step_count, round(float(store.read()[0]["w"][0, 0]), 6)  # 1 - 0.1
+        (1, 0.9)
+
+    Args (of the constructor, which :meth:`create` and :meth:`open` call):
+        directory: the store's directory.
+        optimizer: the optimizer whose rule each step runs.
+        num_workers: threads of the local scheduler (None: Dask's default, the CPU count).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], optimizer: Optimizer, num_workers: int | None
+    ) -> None:
+        _check_policy(optimizer)
+        self.directory = Path(directory)
+        self.optimizer = optimizer
+        self.num_workers = num_workers
+        meta = _read_meta(self.directory)
+        self._arrays: dict[str, dict[str, Any]] = meta["arrays"]
+        self._fields: list[str] = meta["fields"]
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike[str],
+        optimizer: Optimizer,
+        params: Mapping[str, Any],
+        *,
+        chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        overwrite: bool = False,
+        num_workers: int | None = None,
+        client: Any = None,
+    ) -> OutOfCore:
+        """Create a store holding ``params`` and zero state, committed as step 0.
+
+        Args:
+            directory: where to create it; must not exist or be empty unless ``overwrite``.
+            optimizer: an :class:`~xpoptim.SGD`, :class:`~xpoptim.RMSprop` or
+                :class:`~xpoptim.Adam`.
+            params: name -> initial values: NumPy, Dask or Zarr arrays of a real floating
+                dtype (a Dask array is computed chunk by chunk, so it may be larger than
+                memory). Names must not contain ``/``.
+            chunks: Zarr chunk shape, for all parameters or per name. None: a Dask or Zarr
+                input keeps its (regular) chunks, others get chunks of about
+                ``chunk_bytes``.
+            chunk_bytes: the target chunk size when chunks are chosen automatically.
+            overwrite: delete whatever is in ``directory`` first.
+            num_workers: threads used by this and later steps (local scheduler).
+            client: a ``dask.distributed`` client to write the initial values with.
+
+        Returns:
+            The store, at step 0.
+        """
+        da, zarr = _lazy("dask.array"), _lazy("zarr")
+
+        if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
+            raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
+        _check_policy(optimizer)
+        if not isinstance(params, Mapping) or not params:
+            raise ValueError("params must be a non-empty mapping from names to arrays")
+        sources: dict[str, Any] = {}
+        for name, value in params.items():
+            if not isinstance(name, str) or not name or "/" in name or name.startswith("__"):
+                raise ValueError(
+                    f"params name {name!r} cannot name a Zarr array "
+                    "(needs a non-empty string without '/' not starting with '__')"
+                )
+            sources[name] = _as_dask(value, name, chunks, chunk_bytes)
+        check.params(sources)  # real floating dtypes, one namespace
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{directory} is not empty; pass overwrite=True to replace its contents"
+                )
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+
+        fields = list(optimizer._buffer_fields())
+        arrays = {
+            name: {
+                "shape": list(x.shape),
+                "dtype": str(x.dtype),
+                "chunks": list(_regular_chunks(x.chunks) or ()),
+            }
+            for name, x in sources.items()
+        }
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "optimizer": type(optimizer).__name__,
+            "fields": fields,
+            "arrays": arrays,
+        }
+        zarr.open_group(zarr.storage.LocalStore(directory), mode="w", attributes={"xpoptim": meta})
+        store = cls(directory, optimizer, num_workers)
+        targets = store._create_version("v0")
+        # State buffers start at zero: Zarr's fill value, so nothing is written for them.
+        store._compute(
+            da.store(
+                list(sources.values()),
+                [targets[f"params/{n}"] for n in sources],
+                lock=False,
+                compute=False,
+            ),
+            client,
+            progress=False,
+        )
+        _fsync_tree(directory, num_workers or os.cpu_count() or 1)
+        store._commit(0, "v0")
+        return store
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        optimizer: Optimizer | None = None,
+        *,
+        reconfigure: bool = False,
+        num_workers: int | None = None,
+    ) -> OutOfCore:
+        """Open an existing store. Nothing on disk changes.
+
+        Args:
+            directory: a directory made by :meth:`create`.
+            optimizer: the optimizer to step with; None rebuilds the committed one from its
+                stored configuration. It must be of the stored type, and configured as
+                committed unless ``reconfigure`` (e.g. a learning-rate schedule).
+            reconfigure: accept an ``optimizer`` whose hyperparameters differ from the
+                committed ones; the next step commits the new configuration.
+            num_workers: threads of the local scheduler for the steps.
+
+        Raises:
+            StoreError: not an xpoptim store, another format version, another optimizer,
+                no committed step, or a missing or altered array.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no out-of-core store at {directory}: not a directory")
+        meta = _read_meta(directory)
+        pointer = _read_pointer(directory)
+        kind = meta["optimizer"]
+        if optimizer is None:
+            config = dict(pointer["optimizer"])
+            optimizer = _OPTIMIZERS[kind].from_config(config)
+        elif type(optimizer).__name__ != kind:
+            raise StoreError(
+                f"{directory} was written by a {kind} optimizer, not {type(optimizer).__name__}"
+            )
+        elif not reconfigure and optimizer.get_config() != pointer["optimizer"]:
+            raise StoreError(
+                f"{directory} was committed with {pointer['optimizer']}, but the optimizer "
+                f"given is configured {optimizer.get_config()}; pass reconfigure=True to "
+                "continue with the new hyperparameters"
+            )
+        store = cls(directory, optimizer, num_workers)
+        store._open_version(pointer["version"])  # every array present, as described
+        return store
+
+    # -- what is committed ---------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """The number of committed steps (read from the pointer on disk)."""
+        return int(_read_pointer(self.directory)["step"])
+
+    @property
+    def version(self) -> str:
+        """The committed version's group name (``"v{k}"``)."""
+        return str(_read_pointer(self.directory)["version"])
+
+    @property
+    def names(self) -> list[str]:
+        """The parameter names."""
+        return list(self._arrays)
+
+    @property
+    def layout(self) -> dict[str, dict[str, Any]]:
+        """name -> ``{"shape", "dtype", "chunks"}`` of each parameter (and its state)."""
+        return {name: dict(meta) for name, meta in self._arrays.items()}
+
+    def arrays(self) -> tuple[dict[str, Any], Any]:
+        """The committed parameters and state as (read-only) Zarr arrays.
+
+        Returns:
+            ``(params, state)``: name -> ``zarr.Array``, and the optimizer's state
+            NamedTuple (``step`` a Python int) holding Zarr arrays.
+        """
+        pointer = _read_pointer(self.directory)
+        arrays = self._open_version(pointer["version"], mode="r")
+        params = {n: arrays[f"params/{n}"] for n in self._arrays}
+        buffers = {f: {n: arrays[f"{f}/{n}"] for n in self._arrays} for f in self._fields}
+        return params, self.optimizer.State(int(pointer["step"]), **buffers)
+
+    def read(self) -> tuple[dict[str, Any], Any]:
+        """The committed parameters and state loaded as NumPy arrays (small stores only)."""
+        params, state = self.arrays()
+        buffers = {f: {n: a[...] for n, a in getattr(state, f).items()} for f in self._fields}
+        return {n: a[...] for n, a in params.items()}, self.optimizer.State(state.step, **buffers)
+
+    # -- one step -------------------------------------------------------------------------
+
+    def step(
+        self,
+        grads: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        client: Any = None,
+        num_workers: int | None = None,
+        rechunk: bool = False,
+        progress: bool = False,
+    ) -> StepSummary:
+        """Apply one optimizer step to the store, crash-safely.
+
+        Everything is checked before anything on disk changes. The step then writes
+        version ``v{k+1}`` beside the committed ``v{k}``, flushes it, commits it by
+        replacing the pointer atomically, and deletes ``v{k}``.
+
+        Args:
+            grads: name -> gradient: a Dask array (computed chunk by chunk, e.g. streamed
+                from elsewhere), a Zarr array or a NumPy array, with the parameter's shape,
+                dtype and, for Dask and Zarr, chunks.
+            step: the step number this gradient is for (``k+1``), to make re-runs
+                idempotent: if step ``step`` is already committed nothing is done
+                (``summary.skipped``); a gap raises.
+            client: a ``dask.distributed`` client to run the step on (default: the local
+                threaded scheduler).
+            num_workers: threads of the local scheduler (default: the store's).
+            rechunk: rechunk gradients whose chunks differ from the parameters' instead of
+                raising.
+            progress: show Dask's progress bar.
+
+        Returns:
+            A :class:`StepSummary` (``str()`` gives a one-line report).
+        """
+        da = _lazy("dask.array")
+
+        start = time.perf_counter()
+        pointer = _read_pointer(self.directory)
+        committed = int(pointer["step"])
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(f"step must be an int, got {step!r}")
+            if step <= committed:
+                # Already committed: nothing to do but tidy what a crash after the commit
+                # may have left (the previous version, a temporary pointer).
+                self._collect_garbage(keep=pointer["version"])
+                return StepSummary(committed, True, 0, 0, 0, time.perf_counter() - start, 0.0)
+            if step != committed + 1:
+                raise ValueError(
+                    f"step={step} but the store has committed {committed} steps: "
+                    f"the next step is {committed + 1}"
+                )
+        self.optimizer._validate_hyperparameters()
+        old = self._open_version(pointer["version"], mode="r")
+        gradients = self._check_grads(grads, rechunk)
+        # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
+        # read: the same rule as in memory, in place on buffers the task owns. (Running
+        # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
+        # temporary per operation: 1.2-1.8x slower in our measurements.)
+        optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
+        outputs = {}
+        for n in self._arrays:
+            inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
+            inputs += [da.from_zarr(old[f"{f}/{n}"]) for f in self._fields]
+            outputs[n] = da.apply_gufunc(
+                _update_chunk,
+                ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
+                *inputs,
+                output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
+                optimizer=optimizer,
+                param=n,
+                step=committed + 1,
+            )
+
+        # Nothing has changed on disk so far. From here on, only v{k+1} is written
+        # until the pointer flips.
+        new_version = f"v{committed + 1}"
+        self._collect_garbage(keep=pointer["version"])
+        targets = self._create_version(new_version)
+        _phase("created")
+        sources: list[Any] = []
+        destinations: list[Any] = []
+        for n in self._arrays:
+            sources.extend(outputs[n])
+            destinations.extend(targets[key] for key in (f"params/{n}", *self._field_keys(n)))
+        stored = da.store(sources, destinations, lock=False, compute=False)
+        workers = num_workers or self.num_workers
+        self._compute(stored, client, progress=progress, num_workers=workers)
+        _phase("stored")
+        flush_start = time.perf_counter()
+        _fsync_tree(self.directory / new_version, workers or os.cpu_count() or 1)
+        _fsync_path(self.directory)  # the entry of v{k+1} itself, before the pointer names it
+        flush_s = time.perf_counter() - flush_start
+        _phase("flushed")
+        self._commit(committed + 1, new_version)
+        _phase("committed")
+        self._collect_garbage(keep=new_version)
+        _phase("collected")
+        nbytes = sum(math.prod(a["shape"]) * _itemsize(a["dtype"]) for a in self._arrays.values())
+        buffers = 1 + len(self._fields)
+        return StepSummary(
+            step=committed + 1,
+            skipped=False,
+            bytes_read=nbytes * buffers,
+            bytes_gradient=nbytes,
+            bytes_written=nbytes * buffers,
+            elapsed_s=time.perf_counter() - start,
+            flush_s=flush_s,
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_grads(self, grads: Mapping[str, Any], rechunk: bool) -> dict[str, Any]:
+        """Gradients as Dask arrays with the parameters' chunks; raises on any mismatch."""
+        da = _lazy("dask.array")
+
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads must be a mapping from names to arrays, got {type(grads)!r}")
+        missing = sorted(set(self._arrays) - set(grads))
+        extra = sorted(set(grads) - set(self._arrays))
+        if missing or extra:
+            raise ValueError(
+                f"grads do not match the parameter names: missing {missing}, unexpected {extra}"
+            )
+        out = {}
+        for name, meta in self._arrays.items():
+            g = grads[name]
+            label = f"grads[{name!r}]"
+            shape, dtype = tuple(meta["shape"]), meta["dtype"]
+            if not hasattr(g, "shape") or not hasattr(g, "dtype"):
+                raise TypeError(f"{label} is not an array: {type(g).__name__}")
+            if tuple(g.shape) != shape:
+                raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {shape}")
+            if str(g.dtype) != dtype:
+                raise TypeError(f"{label} has dtype {g.dtype}, the parameter {dtype}")
+            want = da.core.normalize_chunks(tuple(meta["chunks"]), shape)
+            if isinstance(g, da.Array):
+                dg = g
+            elif type(g).__module__.startswith("zarr"):
+                dg = da.from_zarr(g)
+            else:
+                dg = da.from_array(g, chunks=want)
+            if dg.chunks != want:
+                if not rechunk:
+                    raise ValueError(
+                        f"{label} has chunks {_describe_chunks(dg.chunks)}, the parameter "
+                        f"{tuple(meta['chunks'])}; rechunk it or pass rechunk=True"
+                    )
+                dg = dg.rechunk(want)
+            out[name] = dg
+        return out
+
+    def _field_keys(self, name: str) -> list[str]:
+        return [f"{f}/{name}" for f in self._fields]
+
+    def _paths(self) -> Iterator[str]:
+        for n in self._arrays:
+            yield f"params/{n}"
+            yield from self._field_keys(n)
+
+    def _create_version(self, version: str) -> dict[str, Any]:
+        """Empty arrays for ``version`` (replacing leftovers of an interrupted attempt)."""
+        zarr = _lazy("zarr")
+
+        path = self.directory / version
+        if path.exists():
+            shutil.rmtree(path)
+        root = zarr.open_group(zarr.storage.LocalStore(self.directory), mode="r+")
+        group = root.create_group(version)
+        arrays = {}
+        for key in self._paths():
+            meta = self._arrays[key.split("/", 1)[1]]
+            arrays[key] = group.create_array(
+                key,
+                shape=tuple(meta["shape"]),
+                chunks=tuple(meta["chunks"]),
+                dtype=meta["dtype"],
+                fill_value=0,
+                compressors=None,  # float state barely compresses; it would cost time
+                # Write every chunk: skips a comparison pass per chunk and makes the
+                # bytes written predictable.
+                config={"write_empty_chunks": True},
+            )
+        return arrays
+
+    def _open_version(self, version: str, mode: str = "r") -> dict[str, Any]:
+        """The arrays of ``version``, checked against the store's description."""
+        zarr = _lazy("zarr")
+
+        arrays = {}
+        for key in self._paths():
+            where = f"{self.directory}/{version}/{key}"
+            try:
+                a = zarr.open_array(
+                    zarr.storage.LocalStore(self.directory, read_only=mode == "r"),
+                    path=f"{version}/{key}",
+                    mode=mode,
+                )
+            except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
+                raise StoreError(f"the committed array {where} is missing: {exc}") from exc
+            meta = self._arrays[key.split("/", 1)[1]]
+            got = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+            if got != meta:
+                raise StoreError(f"the committed array {where} is {got}, the store says {meta}")
+            arrays[key] = a
+        return arrays
+
+    def _commit(self, step: int, version: str) -> None:
+        _write_json_atomically(
+            self.directory / POINTER,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "version": version,
+                "optimizer": self.optimizer.get_config(),
+            },
+        )
+
+    def _collect_garbage(self, keep: str) -> None:
+        """Delete every version but ``keep``, and temporary files a killed step left."""
+        for entry in self.directory.iterdir():
+            if entry.is_dir() and _VERSION.fullmatch(entry.name) and entry.name != keep:
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(f"{POINTER}.tmp-") or entry.name.endswith(".partial"):
+                # A temporary pointer, or a metadata file Zarr was writing (it writes
+                # ``*.partial`` and renames it) when the process was killed.
+                entry.unlink(missing_ok=True)
+        # The root group's metadata lists no members in Zarr v3, so nothing else to fix.
+
+    def _compute(
+        self, stored: Any, client: Any, *, progress: bool, num_workers: int | None = None
+    ) -> None:
+        dask = _lazy("dask")
+
+        if client is not None:
+            futures = client.compute(stored)
+            if progress:
+                _lazy("distributed").progress(futures)
+            client.gather(futures)
+            return
+        bar: Any = contextlib.nullcontext()
+        if progress:
+            bar = _lazy("dask.diagnostics").ProgressBar()
+        with bar:
+            dask.compute(stored, scheduler="threads", num_workers=num_workers)
+
+
+def _check_policy(optimizer: Optimizer) -> None:
+    """Refuse ``nonfinite="skip"``: chunks are stepped one by one, so one chunk's NaN
+    could not skip the others' update ("raise" fails the step, which is never committed)."""
+    if optimizer.nonfinite == "skip":
+        raise ValueError(
+            "OutOfCore steps every chunk on its own, so nonfinite='skip' cannot skip a whole "
+            "step; use 'raise' (the step fails and the committed version stays) or "
+            "'propagate'"
+        )
+
+
+def _update_chunk(
+    p: Any, g: Any, *buffers: Any, optimizer: Optimizer, param: str, step: int
+) -> tuple[Any, ...]:
+    """Step ``step`` of ``optimizer`` on one chunk of parameter ``param`` and its state.
+
+    The optimizer's public ``update`` on NumPy chunks (elementwise rules: a chunk can be
+    stepped alone). It may update ``p`` and ``buffers`` in place: they are chunks this
+    step's task read from the store for itself. ``g`` is never written.
+    """
+    fields = optimizer._buffer_fields()
+    state = optimizer.State(
+        step - 1, **{f: {param: b} for f, b in zip(fields, buffers, strict=True)}
+    )
+    new_params, new_state = optimizer.update({param: p}, {param: g}, state)
+    return (new_params[param], *(getattr(new_state, f)[param] for f in fields))
+
+
+def _itemsize(dtype: str) -> int:
+    return int(np.dtype(dtype).itemsize)
+
+
+def _describe_chunks(chunks: tuple[tuple[int, ...], ...]) -> str:
+    regular = _regular_chunks(chunks)
+    return str(regular) if regular is not None else f"irregular {chunks}"
+
+
+def _as_dask(value: Any, name: str, chunks: Any, chunk_bytes: int) -> Any:
+    """``value`` as a Dask array with regular chunks (Zarr's requirement)."""
+    da = _lazy("dask.array")
+
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"params[{name!r}] is not an array: {type(value).__name__}")
+    wanted = chunks.get(name) if isinstance(chunks, Mapping) else chunks
+    if isinstance(value, da.Array):
+        x = value
+    elif type(value).__module__.startswith("zarr"):
+        x = da.from_zarr(value)
+    else:
+        auto = da.core.normalize_chunks("auto", value.shape, limit=chunk_bytes, dtype=value.dtype)
+        x = da.from_array(value, chunks=wanted or auto)
+    if wanted is None and _regular_chunks(x.chunks) is None:
+        wanted = tuple(max(dim) if dim else 1 for dim in x.chunks)
+    return x if wanted is None else x.rechunk(wanted)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    try:
+        root = json.loads((directory / "zarr.json").read_text())
+    except FileNotFoundError as exc:
+        raise StoreError(f"{directory} is not an xpoptim out-of-core store (no zarr.json)") from exc
+    except ValueError as exc:
+        raise StoreError(f"{directory}/zarr.json is not valid JSON: {exc}") from exc
+    meta = root.get("attributes", {}).get("xpoptim")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{directory} is a Zarr group but not an xpoptim out-of-core store")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{directory} has out-of-core format version {meta.get('format_version')!r}; "
+            f"this xpoptim reads version {FORMAT_VERSION}"
+        )
+    if meta.get("optimizer") not in _OPTIMIZERS:
+        raise StoreError(f"{directory} holds an unknown optimizer {meta.get('optimizer')!r}")
+    return meta
+
+
+def _read_pointer(directory: Path) -> dict[str, Any]:
+    path = directory / POINTER
+    try:
+        pointer = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise StoreError(
+            f"{directory} has no committed step ({POINTER} is missing): its creation did not "
+            "finish; create it again with overwrite=True"
+        ) from exc
+    except ValueError as exc:  # cannot happen with the atomic write, but say so if it does
+        raise StoreError(f"{path} is not valid JSON: {exc}") from exc
+    if pointer.get("format") != FORMAT or pointer.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} is not an xpoptim out-of-core pointer of format version {FORMAT_VERSION}: "
+            f"format {pointer.get('format')!r}, version {pointer.get('format_version')!r}"
+        )
+    return pointer  # type: ignore[no-any-return]

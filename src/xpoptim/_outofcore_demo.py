@@ -1,0 +1,343 @@
+"""The out-of-core demo: Adam on a synthetic parameter set of a given size, from disk.
+
+``run_out_of_core_demo(directory, size_bytes)`` creates parameters whose total footprint
+(parameters + Adam's two state buffers + the gradient) is ``size_bytes``, runs a few
+:class:`~xpoptim.OutOfCore` steps with a gradient generated chunk by chunk (never whole
+in memory), checks randomly sampled chunks bit for bit against the in-memory optimizer
+run on NumPy copies of those chunks (the rules are elementwise, so a chunk can be
+stepped alone), and reports GB/s and peak RSS.
+
+Also runnable alone, with a hard address-space cap::
+
+    python -m xpoptim._outofcore_demo DIR --size 3GB --max-memory 1GiB
+
+The synthetic data is a pure function of ``(seed, step, parameter index, block index)``,
+so any chunk of the initial parameters or of any step's gradient can be regenerated on
+its own (the verification and the crash tests rely on this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import math
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._optimizers import Adam
+from ._outofcore import DEFAULT_CHUNK_BYTES, OutOfCore, _lazy
+
+#: Width of the synthetic weight matrices (float32: 4 KiB per row).
+WIDTH = 1024
+#: Weight matrices in the synthetic set (each with a bias vector).
+LAYERS = 4
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"3GB"``, ``"512MiB"``, ``"1.5e9"`` or an int (GB = 1e9, GiB = 2**30)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _UNITS:
+        raise ValueError(f"size {text!r}: expected a number with an optional unit like 3GB, 512MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def synthetic_block(
+    seed: int, step: int, index: int, block_id: Sequence[int], shape: Sequence[int], dtype: Any
+) -> np.ndarray:
+    """One chunk of synthetic data: the initial parameter (``step == 0``) or a gradient.
+
+    Uniform in [-0.5, 0.5) for parameters, [-0.05, 0.05) for gradients; a pure function
+    of its arguments.
+    """
+    rng = np.random.default_rng([seed, step, index, *block_id])
+    x = rng.random(tuple(shape), dtype=np.dtype(dtype))
+    x -= 0.5
+    if step:
+        x *= 0.1
+    return x
+
+
+def _block(
+    seed: int, step: int, index: int, delay_s: float, dtype: Any, block_info: Any = None
+) -> np.ndarray:
+    info = block_info[None]
+    if delay_s:
+        time.sleep(delay_s)  # the crash and worker-kill tests slow steps down with this
+    return synthetic_block(seed, step, index, info["chunk-location"], info["chunk-shape"], dtype)
+
+
+def synthetic_arrays(
+    layout: dict[str, dict[str, Any]], seed: int, step: int, delay_s: float = 0.0
+) -> dict[str, Any]:
+    """Dask arrays of synthetic data for a store's ``layout``: step 0 = parameters, else
+    the gradient of step ``step``; each chunk is generated only when Dask computes it."""
+    da = _lazy("dask.array")
+    out = {}
+    for index, (name, meta) in enumerate(layout.items()):
+        chunks = da.core.normalize_chunks(tuple(meta["chunks"]), tuple(meta["shape"]))
+        out[name] = da.map_blocks(
+            _block,
+            seed,
+            step,
+            index,
+            delay_s,
+            meta["dtype"],
+            chunks=chunks,
+            dtype=meta["dtype"],
+            meta=np.empty((0,) * len(meta["shape"]), meta["dtype"]),
+            name=f"xpoptim-synthetic-{seed}-{step}-{index}-{name}",
+        )
+    return out
+
+
+def synthetic_layout(
+    param_bytes: int, chunk_bytes: int, dtype: Any = "float32"
+) -> dict[str, dict[str, Any]]:
+    """Shapes and chunks of :data:`LAYERS` weight matrices ``(rows, WIDTH)`` and biases."""
+    itemsize = np.dtype(dtype).itemsize
+    rows = max(1, (param_bytes // itemsize - LAYERS * WIDTH) // (LAYERS * WIDTH))
+    chunk_rows = max(1, min(rows, chunk_bytes // (WIDTH * itemsize)))
+    layout = {}
+    for i in range(LAYERS):
+        layout[f"layer{i}.weights"] = {
+            "shape": [rows, WIDTH],
+            "dtype": str(np.dtype(dtype)),
+            "chunks": [chunk_rows, WIDTH],
+        }
+        layout[f"layer{i}.bias"] = {
+            "shape": [WIDTH],
+            "dtype": str(np.dtype(dtype)),
+            "chunks": [WIDTH],
+        }
+    return layout
+
+
+def run_synthetic_steps(
+    directory: str | Path,
+    until: int,
+    *,
+    seed: int = 0,
+    delay_s: float = 0.0,
+    num_workers: int | None = None,
+    crash_at: str | None = None,
+    ready: Any = None,
+) -> None:
+    """Resume the store in ``directory`` and step it with synthetic gradients up to step
+    ``until``: re-running it after a crash continues where the last commit left off.
+
+    ``crash_at`` kills this process with SIGKILL when a step reaches that phase (see
+    :data:`xpoptim._outofcore._phase_hook`); ``ready`` (an event) is set once the store
+    is open. Both serve the crash tests, which run this in a forked process.
+    """
+    from . import _outofcore
+
+    if crash_at is not None:
+
+        def crash(phase: str) -> None:
+            if phase == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        _outofcore._phase_hook = crash
+    store = OutOfCore.open(directory, num_workers=num_workers)
+    if ready is not None:
+        ready.set()
+    for t in range(store.step_count + 1, until + 1):
+        store.step(synthetic_arrays(store.layout, seed, t, delay_s=delay_s), step=t)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def verify_samples(
+    store: OutOfCore, seed: int, samples: int, rng: np.random.Generator
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Check ``samples`` random chunks of the committed store bit for bit against the
+    in-memory optimizer stepped on NumPy copies of the same chunks from step 0.
+
+    Returns the checked (name, chunk index) pairs; raises AssertionError on a mismatch.
+    """
+    layout = store.layout
+    params, state = store.arrays()
+    steps = state.step
+    names = list(layout)
+    checked = []
+    for _ in range(samples):
+        name = names[int(rng.integers(len(names)))]
+        meta = layout[name]
+        grid = [math.ceil(n / c) for n, c in zip(meta["shape"], meta["chunks"], strict=True)]
+        block = tuple(int(rng.integers(n)) for n in grid)
+        sel = tuple(
+            slice(b * c, min((b + 1) * c, n))
+            for b, c, n in zip(block, meta["chunks"], meta["shape"], strict=True)
+        )
+        shape = [s.stop - s.start for s in sel]
+        index = names.index(name)
+        # The same optimizer, in memory, on this one chunk.
+        p = {name: synthetic_block(seed, 0, index, block, shape, meta["dtype"])}
+        s = store.optimizer.init(p)
+        for t in range(1, steps + 1):
+            g = {name: synthetic_block(seed, t, index, block, shape, meta["dtype"])}
+            p, s = store.optimizer.update(p, g, s)
+        got = {"params": params[name][sel]}
+        want = {"params": p[name]}
+        for field in store.optimizer._buffer_fields():
+            got[field] = getattr(state, field)[name][sel]
+            want[field] = getattr(s, field)[name]
+        for key in got:
+            if not np.array_equal(got[key], want[key]):
+                raise AssertionError(
+                    f"{key}[{name!r}] chunk {block} after {steps} steps differs from the "
+                    "in-memory optimizer"
+                )
+        checked.append((name, block))
+    return checked
+
+
+def run_out_of_core_demo(
+    directory: str | Path,
+    size_bytes: int | str,
+    *,
+    steps: int = 3,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    num_workers: int | None = None,
+    samples: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Run Adam out of core on a synthetic parameter set of ``size_bytes`` in ``directory``.
+
+    Args:
+        directory: where the Zarr store goes (replaced if it exists).
+        size_bytes: total footprint of parameters + Adam state (2 buffers) + gradient,
+            in bytes or as text (``"3GB"``); the parameters get a quarter of it.
+        steps: Adam steps to run.
+        chunk_bytes: target size of one chunk (memory grows with chunk_bytes x threads).
+        num_workers: threads (None: one per CPU).
+        samples: chunks checked against the in-memory optimizer at the end.
+        seed: seed of the synthetic data.
+        progress: show Dask's progress bar during each step.
+        echo: where the report lines go.
+
+    Returns:
+        The figures: ``size_bytes``, ``param_bytes``, ``steps``, ``step_seconds``,
+        ``gb_per_s`` (store bytes moved per second, best step), ``mean_gb_per_s``,
+        ``peak_rss_bytes``, ``create_seconds``, ``verified_chunks``.
+    """
+    size = parse_size(size_bytes)
+    optimizer = Adam(learning_rate=1e-3)
+    buffers = 2 + len(optimizer._buffer_fields())  # params + state + gradient
+    itemsize = 4
+    param_bytes = size // buffers
+    layout = synthetic_layout(param_bytes, chunk_bytes)
+    param_bytes = sum(math.prod(m["shape"]) * itemsize for m in layout.values())
+    echo(
+        f"out-of-core demo: {buffers * param_bytes / 1e9:.2f} GB in all "
+        f"({param_bytes / 1e9:.2f} GB of parameters, Adam state x2, gradient) in {directory}; "
+        f"chunks {chunk_bytes / 2**20:.0f} MiB, threads {num_workers or 'auto'}"
+    )
+    start = time.perf_counter()
+    store = OutOfCore.create(
+        directory,
+        optimizer,
+        synthetic_arrays(layout, seed, 0),
+        overwrite=True,
+        num_workers=num_workers,
+    )
+    create_s = time.perf_counter() - start
+    echo(f"created step 0 in {create_s:.1f} s")
+    summaries = []
+    for t in range(1, steps + 1):
+        summary = store.step(synthetic_arrays(store.layout, seed, t), step=t, progress=progress)
+        summaries.append(summary)
+        echo(str(summary))
+    checked = verify_samples(store, seed, samples, np.random.default_rng(seed))
+    echo(f"verified {len(checked)} sampled chunks bit for bit against in-memory Adam on NumPy")
+    figures: dict[str, Any] = {
+        "size_bytes": buffers * param_bytes,
+        "param_bytes": param_bytes,
+        "chunk_bytes": chunk_bytes,
+        "num_workers": num_workers,
+        "steps": steps,
+        "create_seconds": create_s,
+        "step_seconds": [s.elapsed_s for s in summaries],
+        "gb_per_s": max(s.gb_per_s for s in summaries),
+        "mean_gb_per_s": sum(s.bytes_moved for s in summaries)
+        / sum(s.elapsed_s for s in summaries)
+        / 1e9,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "verified_chunks": len(checked),
+    }
+    echo(
+        f"throughput {figures['mean_gb_per_s']:.2f} GB/s (best step {figures['gb_per_s']:.2f}); "
+        f"peak RSS {figures['peak_rss_bytes'] / 2**20:.0f} MiB for "
+        f"{figures['size_bytes'] / 2**20:.0f} MiB of data"
+    )
+    return figures
+
+
+def cap_address_space(limit: int, echo: Callable[[str], Any] = print) -> None:
+    """A hard cap on this process's memory: ``RLIMIT_AS`` (what ``ulimit -v`` sets).
+
+    The address space counts reservations as well as memory in use, and glibc reserves
+    64 MiB of address space per malloc arena (up to 8 per core, one per busy thread), so
+    the cap also limits glibc to 2 arenas (``MALLOC_ARENA_MAX=2``) where it can.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_arena_max = -8  # glibc's <malloc.h>
+        libc.mallopt(m_arena_max, 2)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    echo(f"address space capped at {limit / 2**20:.0f} MiB (RLIMIT_AS)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xpoptim._outofcore_demo DIR --size 3GB [--max-memory 1GiB]``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory")
+    parser.add_argument("--size", default="3GB", help="data size, e.g. 3GB (default)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_BYTES), help="e.g. 16MiB")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        help="hard cap on this process's address space (RLIMIT_AS), e.g. 1GiB",
+    )
+    args = parser.parse_args(argv)
+    if args.max_memory:
+        cap_address_space(parse_size(args.max_memory))
+    run_out_of_core_demo(
+        args.directory,
+        args.size,
+        steps=args.steps,
+        chunk_bytes=parse_size(args.chunk_size),
+        num_workers=args.threads,
+        samples=args.samples,
+        progress=args.progress,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
