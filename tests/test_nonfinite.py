@@ -240,3 +240,23 @@ def test_param_groups_decide_once_for_every_group(backend: Backend, policy, asse
     assert [int(sub.step) for sub in state.groups] == [1, 1]
     with pytest.raises(ValueError, match="cannot change nonfinite"):
         transforms.ParamGroups(xpoptim.SGD(), [{"params": ["w"], "nonfinite": "raise"}])
+
+
+def test_persist_keeps_the_skip_count_and_out_of_core_refuses_skip(tmp_path):
+    if "dask" not in selected_backends():
+        pytest.skip("runs in the dask session")
+    da = pytest.importorskip("dask.array")
+    opt = xpoptim.Adam(nonfinite="skip")
+    params = {"w": da.from_array(np.ones(4), chunks=2)}
+    state = opt.init(params)
+    for g in ([1.0, np.nan, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]):
+        params, state = opt.update(params, {"w": da.from_array(np.array(g), chunks=2)}, state)
+        params, state = xpoptim.persist(params, state)  # commit each lazy step
+    assert int(state.skipped) == 1
+    assert int(state.step) == 1
+    want, _ = reference.run("Adam", opt.get_config(), {"w": np.ones(4)}, [{"w": np.full(4, 0.5)}])
+    np.testing.assert_allclose(params["w"].compute(), want["w"], **tolerance(np.float64))
+    # Chunks are stepped one by one there: a whole step cannot be skipped.
+    pytest.importorskip("zarr")
+    with pytest.raises(ValueError, match="cannot skip a whole step"):
+        xpoptim.OutOfCore.create(tmp_path / "store", opt, {"w": np.ones(4)})
