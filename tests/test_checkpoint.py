@@ -22,6 +22,7 @@ import xpoptim
 
 import reference
 from conftest import BACKENDS, Backend, selected_backends, tolerance
+from conftest import exact_snapshot as numpy_of
 
 KINDS = ["SGD", "RMSprop", "Adam"]
 CONFIG = {"learning_rate": 0.02, "regularization": "L2", "weight_decay": 0.01}
@@ -45,17 +46,6 @@ def run(backend: Backend, opt, params, state, grads_list):
     for g in grads_list:
         params, state = opt.update(params, {k: backend.asarray(v) for k, v in g.items()}, state)
     return params, state
-
-
-def numpy_of(backend: Backend, params: dict[str, Any], state: Any) -> dict[str, bytes]:
-    out = {f"p.{k}": backend.to_numpy(v).tobytes() for k, v in params.items()}
-    for field in state._fields:
-        value = getattr(state, field)
-        if isinstance(value, dict):
-            out.update({f"{field}.{k}": backend.to_numpy(v).tobytes() for k, v in value.items()})
-        elif value is not None:
-            out[field] = int(value)
-    return out
 
 
 # -- resume through a file ---------------------------------------------------------------

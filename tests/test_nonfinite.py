@@ -13,6 +13,7 @@ import xpoptim
 
 import reference
 from conftest import BACKENDS, Backend, selected_backends, tolerance
+from conftest import exact_snapshot as snapshot
 
 KINDS = ["SGD", "RMSprop", "Adam"]
 CONFIG = {"learning_rate": 0.05, "regularization": "L1", "weight_decay": 0.01}
@@ -34,17 +35,6 @@ def problem(dtype: Any):
 def numpy_session_only() -> None:
     if "numpy" not in selected_backends():
         pytest.skip("backend-independent; runs in the numpy session")
-
-
-def snapshot(backend: Backend, params: dict[str, Any], state: Any) -> dict[str, Any]:
-    out = {f"params.{k}": backend.to_numpy(v).tobytes() for k, v in params.items()}
-    for field in state._fields:
-        value = getattr(state, field)
-        if isinstance(value, dict):
-            out.update({f"{field}.{k}": backend.to_numpy(v).tobytes() for k, v in value.items()})
-        elif value is not None:
-            out[field] = int(value)
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
