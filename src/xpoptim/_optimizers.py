@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 from . import _rules
 from . import _validation as check
 from ._compat import Array, Namespace
-from ._execution import apply_rule, updates_in_place
+from ._execution import run_rule, updates_in_place, zeros_state
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -161,11 +161,9 @@ class Optimizer:
             This optimizer's state (a NamedTuple) with ``step == 0``.
         """
         xp = check.params(params)
-        buffers = {
-            field: {name: xp.zeros_like(p) for name, p in params.items()}  # type: ignore[union-attr]
-            for field in self.State._fields[1:]
-        }
-        return self.State(step=0, **buffers)
+        fields = self.State._fields[1:]
+        buffers = zeros_state(params, len(fields), self._param_scalars, xp)
+        return self.State(step=0, **dict(zip(fields, buffers, strict=True)))
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -214,22 +212,16 @@ class Optimizer:
         step = self._check_state(state, params, xp) + 1
         shared = self._step_scalars(step)
         fields = self.State._fields[1:]
-        new_params: dict[str, Array] = {}
-        new_buffers: dict[str, dict[str, Array]] = {field: {} for field in fields}
-        for name, p in params.items():
-            buffers = tuple(getattr(state, field)[name] for field in fields)
-            p_new, *b_new = apply_rule(
-                type(self)._rule,
-                (p, *buffers),
-                grads[name],
-                xp=xp,
-                **shared,
-                **self._param_scalars(name),
-            )
-            new_params[name] = p_new
-            for field, b in zip(fields, b_new, strict=True):
-                new_buffers[field][name] = b
-        return new_params, self.State(step, **new_buffers)
+        new_params, new_buffers = run_rule(
+            type(self)._rule,
+            params,
+            grads,
+            [getattr(state, field) for field in fields],
+            shared=shared,
+            per_param=self._param_scalars,
+            xp=xp,
+        )
+        return new_params, self.State(step, **dict(zip(fields, new_buffers, strict=True)))
 
     # -- the seed's layer protocol ---------------------------------------------------------
 
