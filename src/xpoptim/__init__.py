@@ -7,6 +7,7 @@ arrays. Two ways in:
 * ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
 """
 
+from ._execution import ExecutionOptions, execution_options, set_execution_options
 from ._optimizers import (
     SGD,
     Adam,
@@ -23,9 +24,12 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamState",
+    "ExecutionOptions",
     "Optimizer",
     "RMSprop",
     "RMSpropState",
     "SGDState",
     "__version__",
+    "execution_options",
+    "set_execution_options",
 ]

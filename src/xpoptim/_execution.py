@@ -320,7 +320,7 @@ def zeros_state(
 # -- running a step -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Item:
     """One parameter on the fast path: (parameter, *state buffers), its gradient, and the
     rule scalars of this parameter (those shared by all come separately)."""
