@@ -301,7 +301,7 @@ def zeros_state(
     (keeping shape, dtype, device and, for Dask, chunks).
     """
     options = current_options()
-    if not (options.fast and params and _blockable(list(params.values()))):
+    if not (options.fast and all(type(p) is np.ndarray for p in params.values())):
         return [{name: xp.zeros_like(p) for name, p in params.items()} for _ in range(count)]
     made: list[dict[str, Array]] = [{} for _ in range(count)]
     buckets: dict[tuple[Any, Hashable], list[str]] = {}
@@ -372,13 +372,14 @@ def run_rule(
     new_params: dict[str, Array] = {}
     new_state: list[dict[str, Array]] = [{} for _ in state]
     fast: list[_Item] = []
+    use_fast = options.fast
     for name, p in params.items():
-        updated = (p, *(buffers[name] for buffers in state))
+        updated = (p, *[buffers[name] for buffers in state])
         gradient = grads[name]
-        if options.fast and _blockable((*updated, gradient)):
+        if use_fast and type(gradient) is np.ndarray and _blockable(updated):
             # Read-only inputs are updated on a private copy (same memory layout).
             results: tuple[Array, ...] = tuple(
-                a if a.flags.writeable else a.copy(order="K") for a in updated
+                [a if a.flags.writeable else a.copy(order="K") for a in updated]
             )
             fast.append(_Item(results, gradient, per_param(name)))
         else:
@@ -401,9 +402,12 @@ def _tasks(
     """Independent tasks that together apply the rule to every item once."""
     tasks: list[Callable[[], None]] = []
     groups: dict[Hashable, list[_Item]] = {}
+    blocks: dict[Any, int] = {}
     for item in items:
         p = item.arrays[0]
-        block_size = options.block_elements(p.dtype)
+        block_size = blocks.get(p.dtype) or blocks.setdefault(
+            p.dtype, options.block_elements(p.dtype)
+        )
         if _is_large(p.size, block_size):
             scalars = {**shared, **item.scalars}
             tasks.extend(_block_tasks(rule, item, scalars, block_size, xp))

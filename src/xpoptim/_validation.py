@@ -76,6 +76,7 @@ def params(params: Any, what: str = "params") -> Namespace | None:
     xp: Namespace = None
     first = None
     first_type = None
+    floating: list[Any] = []  # dtypes already checked
     for name, p in params.items():
         if not isinstance(name, str):
             raise TypeError(f"{what} keys must be strings, got {name!r}")
@@ -95,10 +96,12 @@ def params(params: Any, what: str = "params") -> Namespace | None:
                 f"{what}[{name!r}] belongs to {p_xp.__name__}, but {what}[{first!r}] to "
                 f"{xp.__name__}: all parameters must share one array namespace"
             )
-        if not xp.isdtype(p.dtype, "real floating"):
-            raise TypeError(
-                f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed"
-            )
+        if p.dtype not in floating:
+            if not xp.isdtype(p.dtype, "real floating"):
+                raise TypeError(
+                    f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed"
+                )
+            floating.append(p.dtype)
     return xp
 
 
