@@ -1,8 +1,8 @@
 """How an update rule is executed on a given backend: the one backend-aware module.
 
 The rules in :mod:`xpoptim._rules` are pure math. This module decides, per array, how
-they run, using only capabilities that array-api-compat reports (never the backend's
-name):
+they run: on the plain path from the capabilities that array-api-compat reports, on the
+fast path for plain ``numpy.ndarray`` arrays only (:func:`run_rule`):
 
 * **in place** -- eager, writeable arrays (NumPy, CuPy, PyTorch, array-api-strict): the
   rule's in-place operators update the parameter and state buffers where they are;
@@ -10,8 +10,7 @@ name):
   statements build new arrays (for Dask, a lazy graph: nothing is computed here);
 * **on a copy** -- eager arrays that have in-place operators but are read-only (a NumPy
   view of a read-only buffer): the rule runs on a private copy, so the caller's array is
-  never written.
-
+  never written;
 * **blocked** (the fast path) -- plain, writeable NumPy arrays: the same rule runs over
   cache-sized blocks (views of the flattened arrays) with its in-place operators, from a
   few threads (NumPy releases the GIL in its loops). Parameters smaller than a block are
