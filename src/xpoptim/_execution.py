@@ -258,6 +258,11 @@ def _span(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     return base[start:end]
 
 
+def _plain(arrays: Sequence[Array]) -> bool:
+    """Whether every array is a plain NumPy array."""
+    return {*map(type, arrays)} <= {np.ndarray}
+
+
 def _blockable(arrays: Sequence[Array]) -> bool:
     """Whether the fast path takes these arrays: plain NumPy arrays, not empty."""
     for a in arrays:
@@ -335,7 +340,7 @@ class _Item:
     """One parameter on the fast path: (parameter, *state buffers), its gradient, and the
     rule scalars of this parameter (those shared by all come separately)."""
 
-    arrays: tuple[np.ndarray, ...]
+    arrays: Sequence[np.ndarray]
     gradient: np.ndarray
     scalars: Mapping[str, Any]
 
@@ -368,6 +373,24 @@ def run_rule(
         ``(new_params, new_state)``, ``new_state`` in the order of ``state``.
     """
     options = current_options()
+    names = list(params)
+    columns = [list(params.values()), *[[buffers[name] for name in names] for buffers in state]]
+    gradients = [grads[name] for name in names]
+    if options.fast and all(_plain(column) for column in (gradients, *columns)):
+        # The common case, every array on the fast path: column-wise bookkeeping.
+        # Read-only inputs are updated on a private copy (same memory layout).
+        columns = [
+            [a if a.flags.writeable else a.copy(order="K") for a in column] for column in columns
+        ]
+        items = [
+            _Item(arrays, gradient, per_param(name))
+            for name, gradient, *arrays in zip(names, gradients, *columns, strict=True)
+            if arrays[0].size
+        ]
+        POOL.run(_tasks(rule, items, shared, options, xp), options.threads())
+        return dict(zip(names, columns[0], strict=True)), [
+            dict(zip(names, column, strict=True)) for column in columns[1:]
+        ]
     new_params: dict[str, Array] = {}
     new_state: list[dict[str, Array]] = [{} for _ in state]
     fast: list[_Item] = []
@@ -377,9 +400,9 @@ def run_rule(
         gradient = grads[name]
         if use_fast and type(gradient) is np.ndarray and _blockable(updated):
             # Read-only inputs are updated on a private copy (same memory layout).
-            results: tuple[Array, ...] = tuple(
-                [a if a.flags.writeable else a.copy(order="K") for a in updated]
-            )
+            results: Sequence[Array] = [
+                a if a.flags.writeable else a.copy(order="K") for a in updated
+            ]
             fast.append(_Item(results, gradient, per_param(name)))
         else:
             results = apply_rule(rule, updated, gradient, xp=xp, **shared, **per_param(name))
