@@ -257,12 +257,15 @@ def run_case(
         bandwidth = memory_bandwidth(min(bandwidth_size, 10 * elements), 3)
         best = max(bandwidth.values())
         times: dict[str, list[float]] = {impl: [] for impl in steps}
+        cpu: dict[str, list[float]] = {impl: [] for impl in steps}
         order = list(steps)
         for r in range(repeats):
             for impl in order[r % len(order) :] + order[: r % len(order)]:
+                cpu_start = time.process_time()  # every thread of this process
                 start = time.perf_counter()
                 steps[impl]()
                 times[impl].append(time.perf_counter() - start)
+                cpu[impl].append(time.process_time() - cpu_start)
         moved = STREAMS[kind] * 4 * elements
         for impl in impls:
             row: dict[str, Any] = {
@@ -278,11 +281,12 @@ def run_case(
                 row.update(
                     times_ms=[t * 1e3 for t in times[impl]],
                     median_ms=med * 1e3,
+                    cpu_ms=statistics.median(cpu[impl]) * 1e3,
                     gbps=moved / med / 1e9,
                     fraction_of_bandwidth=moved / med / 1e9 / best,
                 )
             rows.append(row)
-        del steps, times
+        del steps, times, cpu
         gc.collect()
     return rows
 
@@ -290,20 +294,20 @@ def run_case(
 # -- reporting -------------------------------------------------------------------------------
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """xpoptim's median time divided by each peer's, per case and optimizer."""
+def ratios(rows: list[dict[str, Any]], key: str = "median_ms") -> list[dict[str, Any]]:
+    """xpoptim's median time (``key``: wall or CPU) divided by each peer's."""
     out = []
     by_key = {(r["case"], r["optimizer"], r["impl"]): r for r in rows}
     for case, kind in dict.fromkeys((r["case"], r["optimizer"]) for r in rows):
         for mine in XPOPTIM:
             me = by_key.get((case, kind, mine))
-            if not me or "median_ms" not in me:
+            if not me or key not in me:
                 continue
             entry: dict[str, Any] = {"case": case, "optimizer": kind, "impl": mine}
             for peer in PEERS:
                 other = by_key.get((case, kind, peer))
-                if other and "median_ms" in other:
-                    entry[peer] = me["median_ms"] / other["median_ms"]
+                if other and key in other:
+                    entry[peer] = me[key] / other[key]
             out.append(entry)
     return out
 
@@ -323,18 +327,19 @@ def format_tables(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"| case | optimizer | implementation | ms/step (median of {result['repeats']}) "
-        "| GB/s | % of bandwidth |",
-        "|---|---|---|---:|---:|---:|",
+        "| GB/s | % of bandwidth | CPU ms/step |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if "median_ms" in r:
             lines.append(
                 f"| {r['case']} | {r['optimizer']} | {r['impl']} | {r['median_ms']:.1f} "
-                f"| {r['gbps']:.1f} | {100 * r['fraction_of_bandwidth']:.0f}% |"
+                f"| {r['gbps']:.1f} | {100 * r['fraction_of_bandwidth']:.0f}% "
+                f"| {r['cpu_ms']:.1f} |"
             )
         else:
             lines.append(
-                f"| {r['case']} | {r['optimizer']} | {r['impl']} | n/a | | ({r['unavailable']}) |"
+                f"| {r['case']} | {r['optimizer']} | {r['impl']} | n/a | | | ({r['unavailable']}) |"
             )
     lines += [
         "",
@@ -344,6 +349,19 @@ def format_tables(result: dict[str, Any]) -> str:
         "|---|---|---|" + "---:|" * len(PEERS),
     ]
     for e in result["ratios"]:
+        cells = [f"{e[p]:.2f}" if p in e else "-" for p in PEERS]
+        lines.append(
+            f"| {e['case']} | {e['optimizer']} | {e['impl'][8:]} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "CPU time (all threads) of xpoptim / of the peer: what each step costs the machine,",
+        "much less sensitive than wall time to other jobs on a shared machine:",
+        "",
+        "| case | optimizer | xpoptim via | " + " | ".join(PEERS) + " |",
+        "|---|---|---|" + "---:|" * len(PEERS),
+    ]
+    for e in result["cpu_ratios"]:
         cells = [f"{e[p]:.2f}" if p in e else "-" for p in PEERS]
         lines.append(
             f"| {e['case']} | {e['optimizer']} | {e['impl'][8:]} | " + " | ".join(cells) + " |"
@@ -470,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         result["rows"] += run_case(case, cases[case], kinds, impls, repeats, rng)
     result["ratios"] = ratios(result["rows"])
+    result["cpu_ratios"] = ratios(result["rows"], "cpu_ms")
     table = format_tables(result)
     result["table"] = table
     print(table)

@@ -41,6 +41,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| case | optimizer | implementation |" in printed
     assert "xpoptim time / peer time" in printed
+    assert "CPU time (all threads)" in printed
     saved = json.loads(out.read_text())
     assert saved["sizes"] == {"big": 3000, "small": [6, 600]}
     rows = {(r["case"], r["optimizer"], r["impl"]): r for r in saved["rows"]}
@@ -54,6 +55,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
             assert row["median_ms"] > 0
             assert row["gbps"] > 0
             assert row["fraction_of_bandwidth"] > 0
+            assert row["cpu_ms"] >= 0
         assert "numpy copy" in row["bandwidth_gbps"]
     assert {(e["case"], e["optimizer"], e["impl"]) for e in result["ratios"]} == {
         (case, kind, impl)
