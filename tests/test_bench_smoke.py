@@ -48,7 +48,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     assert len(rows) == 2 * len(bench.OPTIMIZERS) * len(bench.IMPLS)
     for key, row in rows.items():
         if "unavailable" in row:
-            assert key[2] not in ("xpoptim update", "xpoptim step", "numpy plain"), row
+            assert not key[2].startswith(("xpoptim", "numpy")), row
             assert row["unavailable"]
         else:
             assert len(row["times_ms"]) == 2
