@@ -427,3 +427,49 @@ def test_no_nested_pools_and_concurrent_optimizers_agree():
     nested: list[bool] = []
     _threads.POOL.run([lambda: nested.append(_threads.in_pool_thread())] * 4, 2)
     assert all(nested)
+
+
+def test_thread_tuner_tries_both_then_keeps_the_faster_and_re_explores():
+    tuner = _threads.ThreadTuner(history=3, explore_every=4)
+    key = ("rule", 20)
+    assert tuner.choose(key, 1) == 1  # nothing to choose
+    first = tuner.choose(key, 4)
+    tuner.record(key, first, 2.0)
+    second = tuner.choose(key, 4)
+    tuner.record(key, second, 1.0)
+    assert {first, second} == {1, 4}
+    picks = [tuner.choose(key, 4) for _ in range(8)]
+    assert picks.count(second) == 6  # the faster one, except when exploring
+    assert picks.count(first) == 2
+    tuner.explore_every = 10**6  # no more exploring steps: only the timings decide
+    # One outlier does not flip the choice (median of the last runs) ...
+    tuner.record(key, second, 1.0)
+    tuner.record(key, second, 1.0)
+    tuner.record(key, second, 100.0)
+    assert tuner.choose(key, 4) == second
+    # ... a lasting change does.
+    tuner.record(key, second, 100.0)
+    assert tuner.choose(key, 4) == first
+
+
+def test_untuned_and_tuned_steps_give_the_same_bits(monkeypatch):
+    """Left to xpoptim, the thread count is tuned by timing (both counts get tried);
+    results do not depend on it."""
+    monkeypatch.delenv("XPOPTIM_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_execution, "default_num_threads", lambda: 2)
+    monkeypatch.setattr(_execution, "TUNER", tuner := _threads.ThreadTuner())
+    params_np, grads_np = problem("big")
+    grads = [copies(g, np.float32) for g in grads_np]
+    steps = grads * 2
+    plain = run_update("Adam", {}, copies(params_np, np.float32), steps, fast=False)
+    tuned = run_update("Adam", {}, copies(params_np, np.float32), steps, block_size=SMALL_BLOCK)
+    assert_bit_identical(tuned, plain)
+    (times,) = tuner._times.values()
+    assert set(times) == {1, 2}
+    assert sum(len(t) for t in times.values()) == len(steps)
+    # A count that someone set is used as it is, never tuned.
+    monkeypatch.setattr(_execution, "TUNER", untouched := _threads.ThreadTuner())
+    run_update("Adam", {}, copies(params_np, np.float32), grads, **FAST)
+    monkeypatch.setenv("XPOPTIM_NUM_THREADS", "2")
+    run_update("Adam", {}, copies(params_np, np.float32), grads, block_size=SMALL_BLOCK)
+    assert not untouched._times

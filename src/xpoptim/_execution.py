@@ -32,7 +32,9 @@ import contextvars
 import dataclasses
 import functools
 import math
+import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
@@ -47,7 +49,14 @@ from ._compat import (
     is_torch_array,
     is_writeable_array,
 )
-from ._threads import POOL, default_num_threads
+from ._threads import (
+    ENV_VAR,
+    POOL,
+    TUNER,
+    available_cpus,
+    default_num_threads,
+    in_pool_thread,
+)
 
 Rule = Callable[..., tuple[Array, ...]]
 
@@ -127,9 +136,10 @@ class ExecutionOptions:
 
     Attributes:
         fast: use the blocked, threaded fast path for plain writeable NumPy arrays.
-        num_threads: threads for the fast path; ``None``: ``XPOPTIM_NUM_THREADS``, else
-            ``OMP_NUM_THREADS``, else every CPU of the process. Always capped by the CPUs
-            the process may use.
+        num_threads: threads for the fast path. ``None``: ``XPOPTIM_NUM_THREADS`` if set,
+            else chosen per kind of step between 1 and a cap (``OMP_NUM_THREADS`` or every
+            CPU) by timing steps (:class:`~xpoptim._threads.ThreadTuner`). Always capped
+            by the CPUs the process may use.
         block_size: elements per block (and per group of small parameters); ``None``:
             ``DEFAULT_BLOCK_BYTES`` worth of the parameter's dtype.
     """
@@ -139,13 +149,16 @@ class ExecutionOptions:
     block_size: int | None = None
 
     def threads(self) -> int:
-        """The number of threads a step uses, caps applied."""
+        """The most threads a step may use, caps applied."""
         default = default_num_threads()
         if self.num_threads is None:
             return default
-        from ._threads import available_cpus
-
         return max(1, min(self.num_threads, available_cpus()))
+
+    def tuned(self) -> bool:
+        """Whether the thread count is left to :class:`~xpoptim._threads.ThreadTuner`
+        (nobody set it: no ``num_threads``, no ``XPOPTIM_NUM_THREADS``)."""
+        return self.num_threads is None and not os.environ.get(ENV_VAR, "").strip()
 
     def block_elements(self, dtype: Any) -> int:
         """Elements per block for arrays of ``dtype``."""
@@ -387,7 +400,7 @@ def run_rule(
             for name, gradient, *arrays in zip(names, gradients, *columns, strict=True)
             if arrays[0].size
         ]
-        POOL.run(_tasks(rule, items, shared, options, xp), options.threads())
+        _run_tasks(rule, items, shared, options, xp)
         return dict(zip(names, columns[0], strict=True)), [
             dict(zip(names, column, strict=True)) for column in columns[1:]
         ]
@@ -410,8 +423,29 @@ def run_rule(
         for buffers, new in zip(new_state, results[1:], strict=True):
             buffers[name] = new
     if fast:
-        POOL.run(_tasks(rule, fast, shared, options, xp), options.threads())
+        _run_tasks(rule, fast, shared, options, xp)
     return new_params, new_state
+
+
+def _run_tasks(
+    rule: Rule,
+    items: Sequence[_Item],
+    shared: Mapping[str, Any],
+    options: ExecutionOptions,
+    xp: Namespace,
+) -> None:
+    """Run the fast path's tasks from the pool, with the thread count tuned if not set."""
+    tasks = _tasks(rule, items, shared, options, xp)
+    threads = options.threads()
+    if len(tasks) < 2 or threads < 2 or not options.tuned() or in_pool_thread():
+        POOL.run(tasks, threads)
+        return
+    elements = sum(item.arrays[0].size for item in items)
+    key = (rule, elements.bit_length())  # a kind of step: its rule and size class
+    chosen = TUNER.choose(key, threads)
+    start = time.perf_counter()
+    POOL.run(tasks, chosen)
+    TUNER.record(key, chosen, (time.perf_counter() - start) / elements)
 
 
 def _tasks(

@@ -13,15 +13,19 @@ Never oversubscribe:
   threadpoolctl-style tools and job schedulers set to cap every pool in a process) caps it;
   :func:`xpoptim.execution_options` overrides both;
 * a task that itself runs inside the pool (an optimizer stepped from a pool thread) runs
-  its own tasks serially, never in a nested pool.
+  its own tasks serially, never in a nested pool;
+* when nobody set the count, :class:`ThreadTuner` uses more than one thread only while
+  that measurably pays off (on a machine whose cores other jobs keep busy it does not).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 ENV_VAR = "XPOPTIM_NUM_THREADS"
@@ -126,3 +130,45 @@ class _Pool:
 
 
 POOL = _Pool()
+
+
+class ThreadTuner:
+    """Chooses, per kind of step, between one thread and the cap, by timing real steps.
+
+    More threads only help when cores are free: on a machine that other jobs keep busy,
+    two threads measured up to 2x slower than one here (each NumPy call hands the GIL
+    over, and a descheduled thread delays the other). When the thread count is left to
+    xpoptim (no ``num_threads``, no ``XPOPTIM_NUM_THREADS``), each kind of step (a rule
+    and a size class) first runs once with each choice, then uses the one with the lower
+    median time per element over its last few runs, and re-tries the other every
+    ``explore_every``-th step, so it follows a changing load. Results never depend on
+    the choice: the fast path is bit-identical for any thread count.
+    """
+
+    def __init__(self, *, history: int = 5, explore_every: int = 8) -> None:
+        self.history = history
+        self.explore_every = explore_every
+        self._times: dict[Hashable, dict[int, deque[float]]] = {}
+        self._steps: dict[Hashable, int] = {}
+
+    def choose(self, key: Hashable, cap: int) -> int:
+        """The thread count for the next step of kind ``key``, at most ``cap``."""
+        if cap <= 1:
+            return 1
+        times = self._times.setdefault(key, {})
+        step = self._steps[key] = self._steps.get(key, 0) + 1
+        for option in (cap, 1):
+            if not times.get(option):
+                return option
+        best = min((1, cap), key=lambda option: statistics.median(times[option]))
+        if step % self.explore_every == 0:
+            return 1 if best == cap else cap
+        return best
+
+    def record(self, key: Hashable, threads: int, seconds_per_element: float) -> None:
+        """Remember how long a step of kind ``key`` took with ``threads`` threads."""
+        times = self._times.setdefault(key, {})
+        times.setdefault(threads, deque(maxlen=self.history)).append(seconds_per_element)
+
+
+TUNER = ThreadTuner()
