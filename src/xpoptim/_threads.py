@@ -150,11 +150,16 @@ class ThreadTuner:
         self.explore_every = explore_every
         self._times: dict[Hashable, dict[int, deque[float]]] = {}
         self._steps: dict[Hashable, int] = {}
+        self._lock = threading.Lock()  # optimizers may step from several threads
 
     def choose(self, key: Hashable, cap: int) -> int:
         """The thread count for the next step of kind ``key``, at most ``cap``."""
         if cap <= 1:
             return 1
+        with self._lock:
+            return self._choose(key, cap)
+
+    def _choose(self, key: Hashable, cap: int) -> int:
         times = self._times.setdefault(key, {})
         step = self._steps[key] = self._steps.get(key, 0) + 1
         for option in (cap, 1):
@@ -167,8 +172,9 @@ class ThreadTuner:
 
     def record(self, key: Hashable, threads: int, seconds_per_element: float) -> None:
         """Remember how long a step of kind ``key`` took with ``threads`` threads."""
-        times = self._times.setdefault(key, {})
-        times.setdefault(threads, deque(maxlen=self.history)).append(seconds_per_element)
+        with self._lock:
+            times = self._times.setdefault(key, {})
+            times.setdefault(threads, deque(maxlen=self.history)).append(seconds_per_element)
 
 
 TUNER = ThreadTuner()
