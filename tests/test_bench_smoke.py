@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import selected_backends
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
+
+# The benchmark is NumPy code with optional peers: run it once, in the NumPy session.
+pytestmark = pytest.mark.skipif(
+    "numpy" not in selected_backends(), reason="benchmark smoke run: in the numpy session"
+)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import xpoptim
 from xpoptim import _execution, _threads
 
 import reference
-from conftest import Backend, tolerance
+from conftest import selected_backends, tolerance
 
 OPTIMIZERS = [
     ("SGD", {"learning_rate": 0.05, "momentum": 0.8}),
@@ -31,6 +31,11 @@ OPTIMIZERS = [
 REGULARIZATIONS = ["L1", "L2", None]
 STEPS = 3
 SMALL_BLOCK = 256
+
+# NumPy's own fast path: run once, in the NumPy session (or when all backends run).
+pytestmark = pytest.mark.skipif(
+    "numpy" not in selected_backends(), reason="NumPy fast path: tested in the numpy session"
+)
 FAST = {"fast": True, "num_threads": 2, "block_size": SMALL_BLOCK}
 
 
@@ -271,24 +276,6 @@ def test_step_layers_fast_equals_plain_and_reference(case, sizes):
         np.testing.assert_allclose(
             finals[1][name], want, **tolerance(np.dtype("float32")), err_msg=name
         )
-
-
-def test_every_backend_gives_the_same_result_with_fast_on_or_off(backend: Backend):
-    """Only plain NumPy takes the fast path; the others run exactly as before."""
-    params_np, grads_np = problem("big-2d")
-    results = []
-    for options in ({"fast": False}, FAST):
-        with xpoptim.execution_options(**options):
-            opt = xpoptim.Adam()
-            params = {k: backend.asarray(v) for k, v in params_np.items()}
-            state = opt.init(params)
-            for g in grads_np:
-                params, state = opt.update(
-                    params, {k: backend.asarray(v) for k, v in g.items()}, state
-                )
-        results.append({k: backend.to_numpy(v) for k, v in params.items()})
-    for name, want in results[0].items():
-        assert bits(results[1][name]) == bits(want), name
 
 
 # -- memory ----------------------------------------------------------------------------
