@@ -460,3 +460,24 @@ def test_untuned_and_tuned_steps_give_the_same_bits(monkeypatch):
     monkeypatch.setenv("XPOPTIM_NUM_THREADS", "2")
     run_update("Adam", {}, copies(params_np, np.float32), grads, block_size=SMALL_BLOCK)
     assert not untouched._times
+
+
+def test_state_after_a_pickle_round_trip_steps_on_bit_identically():
+    """A state restored from a checkpoint is no longer one flat buffer: the fast path
+    gathers it instead, with the same bits."""
+    import pickle
+
+    params_np, grads_np = problem("many-small")
+    grads = [copies(g, np.float32) for g in grads_np]
+    results = []
+    for options in ({"fast": False}, FAST):
+        with xpoptim.execution_options(**options):
+            opt = xpoptim.Adam(learning_rate=0.01)
+            params = copies(params_np, np.float32)
+            state = opt.init(params)
+            params, state = opt.update(params, grads[0], state)
+            params, state = pickle.loads(pickle.dumps((params, state)))
+            for g in grads[1:]:
+                params, state = opt.update(params, g, state)
+        results.append((params, state))
+    assert_bit_identical(results[1], results[0])
