@@ -8,7 +8,13 @@ arrays. Two ways in:
 """
 
 from . import schedules, transforms
-from ._execution import LazyGraphWarning, persist
+from ._execution import (
+    ExecutionOptions,
+    LazyGraphWarning,
+    execution_options,
+    persist,
+    set_execution_options,
+)
 from ._optimizers import (
     SGD,
     Adam,
@@ -28,6 +34,7 @@ __all__ = [
     "Adam",
     "AdamState",
     "AdamW",
+    "ExecutionOptions",
     "LazyGraphWarning",
     "Optimizer",
     "OutOfCore",
@@ -37,7 +44,9 @@ __all__ = [
     "StepSummary",
     "StoreError",
     "__version__",
+    "execution_options",
     "persist",
     "schedules",
+    "set_execution_options",
     "transforms",
 ]

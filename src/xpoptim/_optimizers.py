@@ -20,7 +20,7 @@ from . import _rules, _selection
 from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
-from ._execution import apply_rule, updates_in_place, warn_if_deep
+from ._execution import run_rule, updates_in_place, warn_if_deep, zeros_state
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -201,11 +201,9 @@ class Optimizer:
             This optimizer's state (a NamedTuple) with ``step == 0``.
         """
         xp = check.params(params)
-        buffers = {
-            field: {name: xp.zeros_like(p) for name, p in params.items()}  # type: ignore[union-attr]
-            for field in self._buffer_fields()
-        }
-        return self.State(step=0, **buffers)
+        fields = self._buffer_fields()
+        buffers = zeros_state(params, len(fields), self._param_scalars, xp)
+        return self.State(step=0, **dict(zip(fields, buffers, strict=True)))
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -254,24 +252,17 @@ class Optimizer:
         step = self._check_state(state, params, xp) + 1
         shared = self._step_scalars(step)
         fields = self._buffer_fields()
-        rule = self._rule_function()
-        new_params: dict[str, Array] = {}
-        new_buffers: dict[str, dict[str, Array]] = {field: {} for field in fields}
-        for name, p in params.items():
-            buffers = tuple(getattr(state, field)[name] for field in fields)
-            p_new, *b_new = apply_rule(
-                rule,
-                (p, *buffers),
-                grads[name],
-                xp=xp,
-                **shared,
-                **self._param_scalars(name),
-            )
-            new_params[name] = p_new
-            for field, b in zip(fields, b_new, strict=True):
-                new_buffers[field][name] = b
+        new_params, new_buffers = run_rule(
+            self._rule_function(),
+            params,
+            grads,
+            [getattr(state, field) for field in fields],
+            shared=shared,
+            per_param=self._param_scalars,
+            xp=xp,
+        )
         warn_if_deep(new_params)
-        return new_params, self.State(step, **new_buffers)
+        return new_params, self.State(step, **dict(zip(fields, new_buffers, strict=True)))
 
     # -- the seed's layer protocol ---------------------------------------------------------
 
