@@ -72,7 +72,8 @@ def docs(session: nox.Session) -> None:
     Strict: a broken cross-reference or a missing page fails the build. The site goes to
     ``site/``; ``nox -s docs -- --site-dir DIR`` puts it elsewhere.
     """
-    session.install(*DOCS_DEPS, ".")
+    # The out-of-core examples need Dask and Zarr to run.
+    session.install(*DOCS_DEPS, ".[dask]")
     session.run("pytest", "--doctest-modules", "src/xpoptim", "-q", "-p", "no:cacheprovider")
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
@@ -86,3 +87,29 @@ def demo(session: nox.Session) -> None:
     extras = "dask,demo" if backend == "dask" or "--out-of-core" in session.posargs else "demo"
     session.install(f".[{extras}]", *BACKENDS.get(backend, [])[1:])
     session.run("python", "-m", "xpoptim", "demo", *session.posargs)
+
+
+# The peers that `nox -s bench` times xpoptim against (torch pinned to the CPU build
+# on disk), and what the benchmark itself uses to plot and to report thread pools.
+BENCH_DEPS = [
+    "torch==2.13.0",
+    "jax",
+    "optax",
+    "mpneuralnetwork==1.1.1",
+    "matplotlib>=3.8",
+    "threadpoolctl>=3",
+]
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Time one step against the seed, torch.optim and optax: ``nox -s bench [-- --quick]``."""
+    session.install(".", *BENCH_DEPS)
+    # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE (set on some machines here for old OpenBLAS
+    # builds) slow a current NumPy: unset them for this command only.
+    session.run(
+        "python",
+        "benchmarks/bench_step.py",
+        *session.posargs,
+        env={"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None},
+    )

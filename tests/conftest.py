@@ -152,9 +152,14 @@ def dtype(request: pytest.FixtureRequest) -> np.dtype:
     return np.dtype(request.param)
 
 
+def used_fields(state: Any) -> list[str]:
+    """The names of the state buffers an optimizer uses (unused optional fields are None)."""
+    return [f for f in type(state)._fields[1:] if getattr(state, f) is not None]
+
+
 def buffers_of(state: Any) -> list[dict[str, Any]]:
-    """The state buffers an optimizer uses (its unused optional fields are ``None``)."""
-    return [buf for buf in state[1:] if buf is not None]
+    """The state buffers an optimizer uses."""
+    return [getattr(state, f) for f in used_fields(state)]
 
 
 def exact_snapshot(backend: Backend, params: Any, state: Any) -> dict[str, Any]:

@@ -476,7 +476,7 @@ def test_worker_killed_mid_step_on_a_local_cluster(tmp_path):
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: 8787 may be taken
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

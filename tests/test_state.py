@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -516,3 +517,26 @@ def test_migration_recipe_from_id_keyed_seed_state():
     want, _ = reference.run("Adam", config, params_np, grads_np)
     np.testing.assert_allclose(w, want["dense.weights"], **tolerance(np.float64))
     np.testing.assert_allclose(b, want["dense.bias"], **tolerance(np.float64))
+
+
+def test_a_numpy_state_loads_into_the_layout_of_init():
+    """Loaded like NumPy parameters, small parameters' buffers lie side by side in one flat
+    buffer as init() lays them out (the fast path's layout), and step bit-identically."""
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    params_np, grads_np = problem()
+    opt = make("Adam")
+    fresh = opt.init(params_np)
+
+    def bases(state: Any) -> list[bool]:
+        m = state.momentums
+        return [m[a].base is not None and m[a].base is m[b].base for a, b in pairwise(m)]
+
+    sd = opt.state_dict(fresh)
+    loaded = xpoptim.state_from_dict(opt, sd, like=params_np)
+    assert bases(loaded) == bases(fresh)
+    assert any(bases(fresh))  # the fast path's flat layout is really there
+    p1, s1 = opt.update({k: v.copy() for k, v in params_np.items()}, grads_np[0], fresh)
+    p2, s2 = opt.update({k: v.copy() for k, v in params_np.items()}, grads_np[0], loaded)
+    assert_identical(p1, p2)
+    assert_identical(state_numpy(BACKENDS["numpy"], s1), state_numpy(BACKENDS["numpy"], s2))

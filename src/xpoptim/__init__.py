@@ -13,7 +13,13 @@ State: ``opt.state_dict()`` / ``opt.load_state_dict(sd)``, ``state_to_dict`` /
 
 from . import schedules, transforms
 from ._checkpoint import Checkpoint, CheckpointError, load, save
-from ._execution import LazyGraphWarning, persist
+from ._execution import (
+    ExecutionOptions,
+    LazyGraphWarning,
+    execution_options,
+    persist,
+    set_execution_options,
+)
 from ._nonfinite import NonFiniteGradientError
 from ._optimizers import (
     SGD,
@@ -38,6 +44,7 @@ __all__ = [
     "AdamW",
     "Checkpoint",
     "CheckpointError",
+    "ExecutionOptions",
     "LazyGraphWarning",
     "NonFiniteGradientError",
     "Optimizer",
@@ -49,10 +56,12 @@ __all__ = [
     "StepSummary",
     "StoreError",
     "__version__",
+    "execution_options",
     "load",
     "persist",
     "save",
     "schedules",
+    "set_execution_options",
     "state_from_dict",
     "state_to_dict",
     "transforms",

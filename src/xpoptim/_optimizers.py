@@ -21,7 +21,14 @@ from . import _state as state_dicts
 from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
-from ._execution import apply_rule, scalars_like, updates_in_place, warn_if_deep
+from ._execution import (
+    run_rule,
+    scalars_like,
+    updates_in_place,
+    values_readable,
+    warn_if_deep,
+    zeros_state,
+)
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -222,11 +229,13 @@ class Optimizer:
             This optimizer's state (a NamedTuple) with ``step == 0``.
         """
         xp = check.params(params)
-        buffers = {
-            field: {name: xp.zeros_like(p) for name, p in params.items()}  # type: ignore[union-attr]
-            for field in self._buffer_fields()
-        }
-        return self.State(step=0, **buffers, skipped=_nonfinite.initial_count(self.nonfinite))
+        fields = self._buffer_fields()
+        buffers = zeros_state(params, len(fields), self._param_scalars, xp)
+        return self.State(
+            step=0,
+            **dict(zip(fields, buffers, strict=True)),
+            skipped=_nonfinite.initial_count(self.nonfinite),
+        )
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -243,6 +252,9 @@ class Optimizer:
             step = int(step)
         elif not hasattr(step, "dtype"):
             raise TypeError(f"state.step must be an integer, got {step!r}")
+        elif values_readable(step) and getattr(step, "ndim", None) == 0:
+            # A 0-d array of an eager backend: read it, for Python-float step scalars.
+            step = int(step)
         _nonfinite.check_skipped(state.skipped)
         for field in self._buffer_fields():
             check.like_params(getattr(state, field), params, xp, f"state.{field}")
@@ -282,23 +294,24 @@ class Optimizer:
         # array scalars: give them each parameter's dtype, or float32 would promote.
         scalars_are_python = isinstance(step, int)
         fields = self._buffer_fields()
-        rule = self._rule_function()
-        new_params: dict[str, Array] = {}
-        new_buffers: dict[str, dict[str, Array]] = {field: {} for field in fields}
-        for name, p in params.items():
-            buffers = tuple(getattr(state, field)[name] for field in fields)
-            p_new, *b_new = apply_rule(
-                rule,
-                (p, *buffers),
-                grads[name],
-                xp=xp,
-                **(shared if scalars_are_python else scalars_like(shared, p, xp)),
-                **self._param_scalars(name),
-            )
-            new_params[name] = p_new
-            for field, b in zip(fields, b_new, strict=True):
-                new_buffers[field][name] = b
-        new_state = self.State(step, **new_buffers, skipped=state.skipped)
+        per_param = self._param_scalars
+        if not scalars_are_python:
+
+            def per_param(name: str) -> dict[str, Any]:
+                return {**scalars_like(shared, params[name], xp), **self._param_scalars(name)}
+
+        new_params, new_buffers = run_rule(
+            self._rule_function(),
+            params,
+            grads,
+            [getattr(state, field) for field in fields],
+            shared=shared if scalars_are_python else {},
+            per_param=per_param,
+            xp=xp,
+        )
+        new_state = self.State(
+            step, **dict(zip(fields, new_buffers, strict=True)), skipped=state.skipped
+        )
         if finite is not None and finite is not True:  # "skip" on lazy/traced arrays
             new_params, new_state = _nonfinite.select(
                 finite, (new_params, new_state), (params, state), xp

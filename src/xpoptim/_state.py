@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._compat import Array, Namespace, array_namespace, is_array_api_obj
 from ._compat import device as device_of
-from ._execution import place, updates_in_place
+from ._execution import place, relayout_state, updates_in_place
 
 if TYPE_CHECKING:
     from ._optimizers import Optimizer
@@ -249,6 +249,13 @@ def state_from_dict(
             field: {name: _like_param(a, params[name]) for name, a in arrays.items()}
             for field, arrays in buffers.items()
         }
+        # NumPy: in the layout init() makes, so the fast path steps it as fast as a new one.
+        fields = list(placed)
+        xp_params = array_namespace(*params.values())
+        laid_out = relayout_state(
+            params, [placed[f] for f in fields], opt._param_scalars, xp_params
+        )
+        placed = dict(zip(fields, laid_out, strict=True))
     elif xp is not None:
         placed = {
             field: {name: place(a, xp, device=device) for name, a in arrays.items()}

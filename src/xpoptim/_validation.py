@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._compat import Array, Namespace, array_namespace, device, is_array_api_obj
+from ._execution import same_device
 
 REGULARIZATIONS = ("L1", "L2", None)
 
@@ -72,25 +73,35 @@ def params(params: Any, what: str = "params") -> Namespace | None:
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"{what} must be a mapping from names to arrays, got {type(params)!r}")
-    xp = None
+    xp: Namespace = None
     first = None
+    first_type = None
+    floating: list[Any] = []  # dtypes already checked
     for name, p in params.items():
         if not isinstance(name, str):
             raise TypeError(f"{what} keys must be strings, got {name!r}")
-        if not is_array_api_obj(p):
-            raise TypeError(f"{what}[{name!r}] is not an array: {_describe(p)}")
-        p_xp = array_namespace(p)
+        if type(p) is first_type:
+            # An array's namespace depends on its type only: skip the (slow) lookups
+            # for the many parameters of one type.
+            p_xp = xp
+        else:
+            if not is_array_api_obj(p):
+                raise TypeError(f"{what}[{name!r}] is not an array: {_describe(p)}")
+            p_xp = array_namespace(p)
         if xp is None:
+            first_type = type(p)
             xp, first = p_xp, name
         elif p_xp is not xp:
             raise TypeError(
                 f"{what}[{name!r}] belongs to {p_xp.__name__}, but {what}[{first!r}] to "
                 f"{xp.__name__}: all parameters must share one array namespace"
             )
-        if not xp.isdtype(p.dtype, "real floating"):
-            raise TypeError(
-                f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed"
-            )
+        if p.dtype not in floating:
+            if not xp.isdtype(p.dtype, "real floating"):
+                raise TypeError(
+                    f"{what}[{name!r}] has dtype {p.dtype}; a real floating dtype is needed"
+                )
+            floating.append(p.dtype)
     return xp
 
 
@@ -115,9 +126,12 @@ def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: s
     for name, p in params.items():
         a = arrays[name]
         label = f"{what}[{name!r}]"
-        if not is_array_api_obj(a):
-            raise TypeError(f"{label} is not an array: {_describe(a)}")
-        a_xp = array_namespace(a)
+        if type(a) is not type(p):  # same type, same namespace: skip the slow lookups
+            if not is_array_api_obj(a):
+                raise TypeError(f"{label} is not an array: {_describe(a)}")
+            a_xp = array_namespace(a)
+        else:
+            a_xp = xp
         if a_xp is not xp:
             raise TypeError(
                 f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"
@@ -128,7 +142,7 @@ def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: s
             if not xp.isdtype(a.dtype, "real floating"):
                 raise TypeError(f"{label} has dtype {a.dtype}; a real floating dtype is needed")
             raise TypeError(f"{label} has dtype {a.dtype}, the parameter {p.dtype}")
-        if device(a) != device(p):
+        if not same_device(a, p):
             raise ValueError(f"{label} is on device {device(a)}, the parameter on {device(p)}")
 
 
