@@ -540,3 +540,20 @@ def test_a_numpy_state_loads_into_the_layout_of_init():
     p2, s2 = opt.update({k: v.copy() for k, v in params_np.items()}, grads_np[0], loaded)
     assert_identical(p1, p2)
     assert_identical(state_numpy(BACKENDS["numpy"], s1), state_numpy(BACKENDS["numpy"], s2))
+
+
+def test_step_layers_places_a_loaded_state_in_the_layout_of_init():
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    np_backend = BACKENDS["numpy"]
+    params_np, grads_np = problem()
+    first, layers = make("SGD"), layers_for(np_backend, params_np)
+    set_grads(np_backend, layers, grads_np[0])
+    first.step(layers)
+    second = make("SGD")
+    second.load_state_dict(first.state_dict())  # placed at the next step
+    set_grads(np_backend, layers, grads_np[1])
+    second.step(layers)
+    v = second.state.velocities
+    assert v["0.weights"].base is not None
+    assert v["0.weights"].base is v["2.bias"].base  # one flat buffer, as init() makes

@@ -332,5 +332,15 @@ def adopt(opt: Optimizer, params: Mapping[str, Array]) -> None:
         }
         for field in fields
     }
+    # NumPy: in the layout init() makes, so the fast path steps it as fast as a new one.
+    placed = {name: p for name, p in params.items() if name in names}
+    laid_out = relayout_state(
+        placed,
+        [{name: new[field][name] for name in placed} for field in fields],
+        opt._param_scalars,
+        array_namespace(*placed.values()),
+    )
+    for field, buffers in zip(fields, laid_out, strict=True):
+        new[field].update(buffers)
     opt._state = opt.State(step=state.step, skipped=state.skipped, **new)
     opt._unplaced = opt._unplaced - names
