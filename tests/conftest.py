@@ -162,6 +162,19 @@ def buffers_of(state: Any) -> list[dict[str, Any]]:
     return [getattr(state, f) for f in used_fields(state)]
 
 
+def exact_snapshot(backend: Backend, params: Any, state: Any) -> dict[str, Any]:
+    """The bytes of every parameter and state buffer, and the state's counters: two runs
+    are identical when their snapshots are equal."""
+    out = {f"params.{k}": backend.to_numpy(v).tobytes() for k, v in params.items()}
+    for name in state._fields:
+        value = getattr(state, name)
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": backend.to_numpy(v).tobytes() for k, v in value.items()})
+        elif value is not None:
+            out[name] = int(value)
+    return out
+
+
 def tolerance(dtype: np.dtype) -> dict[str, float]:
     """Comparison tolerance against the float64 reference for a parameter dtype."""
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 2e-5, "atol": 2e-6}

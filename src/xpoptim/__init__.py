@@ -5,9 +5,14 @@ arrays. Two ways in:
 
 * ``state = opt.init(params)``; ``params, state = opt.update(params, grads, state)``
 * ``opt.step(layers)``: the layer protocol of mpneuralnetwork, updating in place.
+
+State: ``opt.state_dict()`` / ``opt.load_state_dict(sd)``, ``state_to_dict`` /
+``state_from_dict`` for a functional state, and ``save`` / ``load`` for checkpoint files
+(see docs/state.md).
 """
 
 from . import schedules, transforms
+from ._checkpoint import Checkpoint, CheckpointError, load, save
 from ._execution import (
     ExecutionOptions,
     LazyGraphWarning,
@@ -15,6 +20,7 @@ from ._execution import (
     persist,
     set_execution_options,
 )
+from ._nonfinite import NonFiniteGradientError
 from ._optimizers import (
     SGD,
     Adam,
@@ -26,27 +32,37 @@ from ._optimizers import (
     SGDState,
 )
 from ._outofcore import OutOfCore, StepSummary, StoreError
+from ._state import FORMAT_VERSION, StateDictError, state_from_dict, state_to_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMAT_VERSION",
     "SGD",
     "Adam",
     "AdamState",
     "AdamW",
+    "Checkpoint",
+    "CheckpointError",
     "ExecutionOptions",
     "LazyGraphWarning",
+    "NonFiniteGradientError",
     "Optimizer",
     "OutOfCore",
     "RMSprop",
     "RMSpropState",
     "SGDState",
+    "StateDictError",
     "StepSummary",
     "StoreError",
     "__version__",
     "execution_options",
+    "load",
     "persist",
+    "save",
     "schedules",
     "set_execution_options",
+    "state_from_dict",
+    "state_to_dict",
     "transforms",
 ]

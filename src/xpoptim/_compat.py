@@ -15,6 +15,7 @@ from array_api_compat import (
     is_lazy_array,
     is_torch_array,
     is_writeable_array,
+    to_device,
 )
 
 #: Any array object that follows the Python Array API standard.
@@ -31,4 +32,5 @@ __all__ = [
     "is_lazy_array",
     "is_torch_array",
     "is_writeable_array",
+    "to_device",
 ]

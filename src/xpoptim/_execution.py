@@ -49,6 +49,7 @@ from ._compat import (
     is_lazy_array,
     is_torch_array,
     is_writeable_array,
+    to_device,
 )
 from ._threads import (
     ENV_VAR,
@@ -118,6 +119,97 @@ def apply_rule(
     )
 
 
+def select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
+    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, over nested state.
+
+    Lazy and traceable (``xp.where``): how Dask and ``jax.jit`` keep a data-dependent
+    choice without reading ``flag``. ``None`` entries (unused state fields) stay ``None``.
+    """
+    if new is None:
+        return None
+    if isinstance(new, Mapping):
+        return {k: select(flag, new[k], old[k], xp) for k in new}
+    if isinstance(new, tuple):
+        parts = [select(flag, n, o, xp) for n, o in zip(new, old, strict=True)]
+        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
+    return xp.where(flag, new, old)
+
+
+def scalars_like(scalars: dict[str, Any], p: Array, xp: Namespace) -> dict[str, Any]:
+    """``scalars`` with each array among them cast to ``p``'s dtype (Python scalars kept).
+
+    Per-step scalars become 0-d arrays when the step counter is an array (traced by
+    ``jax.jit``, or selected lazily by ``nonfinite="skip"``); a float64 0-d array would
+    promote float32 parameters and state under NumPy's rules (Dask follows them).
+    """
+    return {
+        key: xp.astype(value, p.dtype)
+        if hasattr(value, "dtype") and value.dtype != p.dtype
+        else value
+        for key, value in scalars.items()
+    }
+
+
+def values_readable(x: Array) -> bool:
+    """Whether ``bool(x)``/``int(x)`` on ``x`` is cheap and possible (not lazy, not traced)."""
+    return not bool(is_lazy_array(x))
+
+
+def to_host(x: Array) -> np.ndarray[Any, Any]:
+    """``x`` as a NumPy array in host memory (computing it if it is lazy).
+
+    The result may share memory with ``x``: copy it before ``x`` can change.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if is_torch_array(x):
+        x = x.detach()  # DLPack refuses tensors that require grad
+    attempts = (
+        # CPU arrays of every backend, array-api-strict's emulated devices too: no copy.
+        lambda: np.from_dlpack(x),
+        # Device arrays (CuPy, CUDA tensors: a copy to the host); Dask: computed.
+        lambda: np.asarray(to_device(x, "cpu")),
+        # Anything else NumPy can convert (JAX on an accelerator).
+        lambda: np.asarray(x),
+    )
+    errors = []
+    for attempt in attempts:
+        try:
+            return np.asarray(attempt())
+        except Exception as exc:  # each library raises its own kind
+            errors.append(f"{type(exc).__name__}: {exc}")
+    raise TypeError(
+        f"cannot bring a {type(x).__module__}.{type(x).__name__} to host memory: "
+        + "; ".join(errors)
+    )
+
+
+def place(
+    x: Array, xp: Namespace, *, dtype: Any = None, device: Any = None, like: Array = None
+) -> Array:
+    """A new array of namespace ``xp`` with the values of ``x``, which may come from any backend.
+
+    Args:
+        x: an array of any namespace (or NumPy).
+        xp: the target namespace.
+        dtype: the target dtype (``x``'s own by default, as ``xp`` spells it).
+        device: the target device (``xp``'s default by default).
+        like: an array of ``xp`` whose chunks to copy where arrays are chunked (Dask).
+
+    Returns:
+        An array that shares no memory with ``x``.
+    """
+    host = to_host(x)
+    if dtype is None:
+        out = xp.asarray(host, copy=True, device=device)
+    else:
+        out = xp.asarray(host, dtype=dtype, copy=True, device=device)
+    chunks = getattr(like, "chunks", None)
+    if chunks is not None and hasattr(out, "rechunk"):
+        out = out.rechunk(chunks)
+    return out
+
+
 # -- lazy (Dask) graphs: one step, then commit ---------------------------------------------
 
 #: A lazy parameter whose graph has more layers than this makes ``update`` warn: 30 to 40
@@ -173,20 +265,23 @@ def persist(params: Any, state: Any) -> tuple[Any, Any]:
     Returns:
         ``(params, state)`` with the same structure.
     """
-    # Buffers of the state; the optional fields an optimizer does not use are None.
-    fields = [f for f in type(state)._fields[1:] if getattr(state, f) is not None]
+    # Buffers of the state; the optional fields an optimizer does not use are None, and
+    # the counters (step, and skipped under nonfinite="skip") are scalars or 0-d arrays.
+    fields = [f for f in type(state)._fields[1:] if isinstance(getattr(state, f), Mapping)]
+    counters = [f for f in type(state)._fields if is_lazy_array(getattr(state, f))]
     lazy = [("params", n) for n, x in params.items() if is_lazy_array(x)]
     lazy += [(f, n) for f in fields for n, x in getattr(state, f).items() if is_lazy_array(x)]
-    if not lazy:
+    if not lazy and not counters:
         return params, state
     # Only lazy arrays get here, and Dask's are the lazy arrays xpoptim runs.
     dask: Any = importlib.import_module("dask")
     trees = {"params": dict(params), **{f: dict(getattr(state, f)) for f in fields}}
-    done = dask.persist(*(trees[f][n] for f, n in lazy))
-    for (f, n), x in zip(lazy, done, strict=True):
+    done = dask.persist(*(trees[f][n] for f, n in lazy), *(getattr(state, f) for f in counters))
+    for (f, n), x in zip(lazy, done[: len(lazy)], strict=True):
         trees[f][n] = x
     new_params = trees.pop("params")
-    return new_params, type(state)(state[0], **trees)
+    kept = dict(zip(counters, done[len(lazy) :], strict=True))
+    return new_params, state._replace(**trees, **kept)
 
 
 # -- the blocked fast path: options ------------------------------------------------------
@@ -415,6 +510,27 @@ def zeros_state(
                 buffers[name] = view
                 offset += p.size
     return [{name: buffers[name] for name in params} for buffers in made]
+
+
+def relayout_state(
+    params: Mapping[str, Array],
+    state: Sequence[Mapping[str, Array]],
+    scalars: Callable[[str], Mapping[str, Any]],
+    xp: Namespace,
+) -> list[dict[str, Array]]:
+    """``state`` (buffers made elsewhere: loaded, unpickled) copied into the memory layout
+    of :func:`zeros_state` where the fast path would use one, else returned as it is.
+
+    Plain NumPy only: a loaded state then steps as fast as a new one (a state of separate
+    arrays gives the same results, through the slower gathered path).
+    """
+    if not state or not all(type(p) is np.ndarray for p in params.values()):
+        return [dict(buffers) for buffers in state]
+    layout = zeros_state(params, len(state), scalars, xp)
+    for new, old in zip(layout, state, strict=True):
+        for name, b in new.items():
+            np.copyto(b, old[name])
+    return layout
 
 
 # -- running a step -------------------------------------------------------------------------

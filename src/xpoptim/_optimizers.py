@@ -16,11 +16,19 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from . import _rules, _selection
+from . import _nonfinite, _rules, _selection
+from . import _state as state_dicts
 from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
-from ._execution import run_rule, updates_in_place, warn_if_deep, zeros_state
+from ._execution import (
+    run_rule,
+    scalars_like,
+    updates_in_place,
+    values_readable,
+    warn_if_deep,
+    zeros_state,
+)
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -33,10 +41,13 @@ class SGDState(NamedTuple):
         step: number of updates applied so far (a Python int; a traced integer under
             ``jax.jit``).
         velocities: parameter name -> velocity ``v``.
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     velocities: dict[str, Array]
+    skipped: Any = None
 
 
 class RMSpropState(NamedTuple):
@@ -49,12 +60,15 @@ class RMSpropState(NamedTuple):
             only, else ``None``).
         momentum_buffer: parameter name -> momentum buffer (``momentum > 0`` only, else
             ``None``).
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     cache: dict[str, Array]
     mean_grad: dict[str, Array] | None = None
     momentum_buffer: dict[str, Array] | None = None
+    skipped: Any = None
 
 
 class AdamState(NamedTuple):
@@ -66,12 +80,15 @@ class AdamState(NamedTuple):
         velocities: parameter name -> second moment ``v``.
         max_velocities: parameter name -> running maximum of ``v`` (``amsgrad=True``
             only, else ``None``).
+        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
+            ``None`` under the other policies, which count nothing.
     """
 
     step: Any
     momentums: dict[str, Array]
     velocities: dict[str, Array]
     max_velocities: dict[str, Array] | None = None
+    skipped: Any = None
 
 
 class Optimizer:
@@ -85,6 +102,12 @@ class Optimizer:
             the number of updates already applied (see [schedules][xpoptim.schedules]).
         regularization: ``"L1"``, ``"L2"`` or ``None`` (no regularization).
         weight_decay: the regularization strength, a finite number >= 0.
+
+    Every optimizer also takes ``nonfinite`` (keyword only): what an update does when a
+    gradient holds NaN or Inf. ``"propagate"`` (the default, the seed's behaviour: the
+    values flow into the parameters and state), ``"skip"`` (the whole update is skipped
+    for every parameter and counted in ``state.skipped``) or ``"raise"`` (an error naming
+    the parameter, nothing changed; eager arrays only). See ``docs/state.md``.
     """
 
     State: ClassVar[type[Any]]
@@ -93,10 +116,12 @@ class Optimizer:
     _hyperparameters: ClassVar[tuple[str, ...]] = ()
     #: Constructor arguments beyond the seed's, with their defaults: ``get_config`` lists
     #: them only when they differ, so a seed-compatible config stays the seed's.
-    _extensions: ClassVar[dict[str, Any]] = {"no_decay": NOT_DECAYED}
+    _extensions: ClassVar[dict[str, Any]] = {"no_decay": NOT_DECAYED, "nonfinite": "propagate"}
     #: Names whose parameters are not regularized: patterns or a predicate (see
     #: ``xpoptim._selection``); the seed's rule by default.
     no_decay: Any = NOT_DECAYED
+    #: What an update does with NaN/Inf gradients (see ``xpoptim._nonfinite``).
+    nonfinite: str = "propagate"
 
     def __init__(
         self, learning_rate: float, regularization: str | None, weight_decay: float
@@ -105,6 +130,8 @@ class Optimizer:
         self.regularization = regularization
         self.weight_decay = weight_decay
         self._state: Any = None
+        #: names of loaded state buffers not yet placed like their parameters
+        self._unplaced: set[str] = set()
         self._validate_hyperparameters()
 
     # -- configuration -------------------------------------------------------------
@@ -115,6 +142,7 @@ class Optimizer:
         check.regularization(self.regularization)
         self.no_decay = _selection.check_selector(self.no_decay, "no_decay")
         check.non_negative(self.weight_decay, "weight_decay")
+        _nonfinite.check_policy(self.nonfinite)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, with the seed's keys.
@@ -159,7 +187,7 @@ class Optimizer:
 
     def _buffer_fields(self) -> tuple[str, ...]:
         """The state fields this optimizer uses (the others stay ``None``)."""
-        return tuple(self.State._fields[1:])
+        return state_dicts.buffer_fields(self.State)
 
     def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
         """The rule this optimizer runs, given its options."""
@@ -203,7 +231,11 @@ class Optimizer:
         xp = check.params(params)
         fields = self._buffer_fields()
         buffers = zeros_state(params, len(fields), self._param_scalars, xp)
-        return self.State(step=0, **dict(zip(fields, buffers, strict=True)))
+        return self.State(
+            step=0,
+            **dict(zip(fields, buffers, strict=True)),
+            skipped=_nonfinite.initial_count(self.nonfinite),
+        )
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -220,6 +252,10 @@ class Optimizer:
             step = int(step)
         elif not hasattr(step, "dtype"):
             raise TypeError(f"state.step must be an integer, got {step!r}")
+        elif values_readable(step) and getattr(step, "ndim", None) == 0:
+            # A 0-d array of an eager backend: read it, for Python-float step scalars.
+            step = int(step)
+        _nonfinite.check_skipped(state.skipped)
         for field in self._buffer_fields():
             check.like_params(getattr(state, field), params, xp, f"state.{field}")
         return step
@@ -250,19 +286,38 @@ class Optimizer:
         xp = check.params(params)
         check.like_params(grads, params, xp, "grads")
         step = self._check_state(state, params, xp) + 1
+        finite = _nonfinite.all_finite(self.nonfinite, grads, xp)
+        if finite is False:  # "skip", read eagerly: nothing to compute
+            return dict(params), state._replace(skipped=(state.skipped or 0) + 1)
         shared = self._step_scalars(step)
+        # A step counter that is an array (traced, or selected lazily by "skip") makes
+        # array scalars: give them each parameter's dtype, or float32 would promote.
+        scalars_are_python = isinstance(step, int)
         fields = self._buffer_fields()
+        per_param = self._param_scalars
+        if not scalars_are_python:
+
+            def per_param(name: str) -> dict[str, Any]:
+                return {**scalars_like(shared, params[name], xp), **self._param_scalars(name)}
+
         new_params, new_buffers = run_rule(
             self._rule_function(),
             params,
             grads,
             [getattr(state, field) for field in fields],
-            shared=shared,
-            per_param=self._param_scalars,
+            shared=shared if scalars_are_python else {},
+            per_param=per_param,
             xp=xp,
         )
+        new_state = self.State(
+            step, **dict(zip(fields, new_buffers, strict=True)), skipped=state.skipped
+        )
+        if finite is not None and finite is not True:  # "skip" on lazy/traced arrays
+            new_params, new_state = _nonfinite.select(
+                finite, (new_params, new_state), (params, state), xp
+            )
         warn_if_deep(new_params)
-        return new_params, self.State(step, **dict(zip(fields, new_buffers, strict=True)))
+        return new_params, new_state
 
     # -- the seed's layer protocol ---------------------------------------------------------
 
@@ -315,6 +370,8 @@ class Optimizer:
         """The stored state restricted to ``params``, with fresh zeros for new names."""
         if self._state is None:
             return self.init(params)
+        if self._unplaced:
+            state_dicts.adopt(self, params)
         fields = self._buffer_fields()
         known_names = getattr(self._state, fields[0])
         new = {name: p for name, p in params.items() if name not in known_names}
@@ -326,7 +383,7 @@ class Optimizer:
                 name: known[name] if name in known else getattr(fresh, field)[name]
                 for name in params
             }
-        return self.State(self._state.step, **buffers)
+        return self.State(self._state.step, **buffers, skipped=self._state.skipped)
 
     def _keep_state(self, new_state: Any) -> None:
         if self._state is None:
@@ -336,7 +393,7 @@ class Optimizer:
             field: {**getattr(self._state, field), **getattr(new_state, field)}
             for field in self._buffer_fields()
         }
-        self._state = self.State(new_state.step, **buffers)
+        self._state = self.State(new_state.step, **buffers, skipped=new_state.skipped)
 
     @property
     def state(self) -> Any:
@@ -350,6 +407,47 @@ class Optimizer:
         if self._state is None:
             return {field: {} for field in fields}
         return {field: dict(getattr(self._state, field)) for field in fields}
+
+    # -- state dicts: the logic is in xpoptim._state (see docs/state.md) ----------------
+
+    def state_dict(self, state: Any = None) -> dict[str, Any]:
+        """A versioned snapshot of a state as a plain nested dict.
+
+        Args:
+            state: a state from :meth:`init`/:meth:`update`; by default the state kept by
+                :meth:`step`.
+
+        Returns:
+            ``{"format_version", "optimizer", "config", "step", "skipped", "buffers"}``, with
+            ``buffers[field][name]`` a copy of each state array (later steps do not change
+            it) and the counters as Python ints. See [state_to_dict][xpoptim.state_to_dict].
+        """
+        return state_dicts.state_to_dict(self, self._state if state is None else state)
+
+    def load_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        like: Any = None,
+        *,
+        xp: Namespace | None = None,
+        device: Any = None,
+    ) -> None:
+        """Restore the state kept by :meth:`step` from :meth:`state_dict` output.
+
+        Everything is checked before anything changes; a refused load leaves the
+        optimizer as it was. Hyperparameters are not changed (the dict's ``config`` is
+        only checked for the optimizer type).
+
+        Args:
+            state_dict: the dict to load (from any backend or device).
+            like: the parameters the state belongs to, as ``{name: array}`` or as the
+                layers given to :meth:`step`: each buffer is checked against and placed
+                on its parameter's namespace, device and dtype now. Without it, buffers
+                are placed like their parameters at the next :meth:`step`.
+            xp: without ``like``, the namespace to place the buffers in now.
+            device: with ``xp``, the device to place them on.
+        """
+        state_dicts.load_state_dict(self, state_dict, like, xp=xp, device=device)
 
 
 class SGD(Optimizer):
@@ -374,6 +472,8 @@ class SGD(Optimizer):
         nesterov: use Nesterov momentum (needs ``momentum > 0``). Defaults to False.
         no_decay: names that are not regularized: patterns or a predicate. Defaults to
             the seed's ``("bias", "beta", "gamma")``.
+        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
+            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
 
     Examples:
         >>> import numpy as np
@@ -389,7 +489,11 @@ class SGD(Optimizer):
     State = SGDState
     _rule = staticmethod(_rules.sgd)
     _hyperparameters = ("momentum",)
-    _extensions: ClassVar[dict[str, Any]] = {"nesterov": False, "no_decay": NOT_DECAYED}
+    _extensions: ClassVar[dict[str, Any]] = {
+        "nesterov": False,
+        "no_decay": NOT_DECAYED,
+        "nonfinite": "propagate",
+    }
 
     def __init__(
         self,
@@ -400,10 +504,12 @@ class SGD(Optimizer):
         *,
         nesterov: bool = False,
         no_decay: Any = NOT_DECAYED,
+        nonfinite: str = "propagate",
     ) -> None:
         self.momentum = momentum
         self.nesterov = nesterov
         self.no_decay = no_decay
+        self.nonfinite = nonfinite
         super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
@@ -445,6 +551,8 @@ class RMSprop(Optimizer):
         momentum: momentum factor in [0, 1). Defaults to 0.
         no_decay: names that are not regularized: patterns or a predicate. Defaults to
             the seed's ``("bias", "beta", "gamma")``.
+        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
+            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
     """
 
     State = RMSpropState
@@ -454,6 +562,7 @@ class RMSprop(Optimizer):
         "centered": False,
         "momentum": 0.0,
         "no_decay": NOT_DECAYED,
+        "nonfinite": "propagate",
     }
 
     def __init__(
@@ -467,12 +576,14 @@ class RMSprop(Optimizer):
         centered: bool = False,
         momentum: float = 0.0,
         no_decay: Any = NOT_DECAYED,
+        nonfinite: str = "propagate",
     ) -> None:
         self.decay_rate = decay_rate
         self.epsilon = epsilon
         self.centered = centered
         self.momentum = momentum
         self.no_decay = no_decay
+        self.nonfinite = nonfinite
         super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
@@ -533,12 +644,18 @@ class Adam(Optimizer):
         amsgrad: use the running maximum of ``v``. Defaults to False.
         no_decay: names that are not regularized: patterns or a predicate. Defaults to
             the seed's ``("bias", "beta", "gamma")``.
+        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
+            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
     """
 
     State = AdamState
     _rule = staticmethod(_rules.adam)
     _hyperparameters = ("beta1", "beta2", "epsilon")
-    _extensions: ClassVar[dict[str, Any]] = {"amsgrad": False, "no_decay": NOT_DECAYED}
+    _extensions: ClassVar[dict[str, Any]] = {
+        "amsgrad": False,
+        "no_decay": NOT_DECAYED,
+        "nonfinite": "propagate",
+    }
 
     def __init__(
         self,
@@ -551,12 +668,14 @@ class Adam(Optimizer):
         *,
         amsgrad: bool = False,
         no_decay: Any = NOT_DECAYED,
+        nonfinite: str = "propagate",
     ) -> None:
         self.beta1 = beta1
         self.beta2 = beta2
         self.epsilon = epsilon
         self.amsgrad = amsgrad
         self.no_decay = no_decay
+        self.nonfinite = nonfinite
         super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
 
     def _validate_hyperparameters(self) -> None:
@@ -630,6 +749,8 @@ class AdamW(Adam):
         amsgrad: use the running maximum of ``v``. Defaults to False.
         no_decay: names that are not decayed: patterns or a predicate. Defaults to the
             seed's ``("bias", "beta", "gamma")``.
+        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
+            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
 
     Examples:
         >>> import numpy as np
@@ -651,6 +772,7 @@ class AdamW(Adam):
         *,
         amsgrad: bool = False,
         no_decay: Any = NOT_DECAYED,
+        nonfinite: str = "propagate",
     ) -> None:
         super().__init__(
             learning_rate,
@@ -661,6 +783,7 @@ class AdamW(Adam):
             epsilon,
             amsgrad=amsgrad,
             no_decay=no_decay,
+            nonfinite=nonfinite,
         )
 
     def _validate_hyperparameters(self) -> None:

@@ -199,6 +199,7 @@ class OutOfCore:
     def __init__(
         self, directory: str | os.PathLike[str], optimizer: Optimizer, num_workers: int | None
     ) -> None:
+        _check_policy(optimizer)
         self.directory = Path(directory)
         self.optimizer = optimizer
         self.num_workers = num_workers
@@ -245,6 +246,7 @@ class OutOfCore:
 
         if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
             raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
+        _check_policy(optimizer)
         if not isinstance(params, Mapping) or not params:
             raise ValueError("params must be a non-empty mapping from names to arrays")
         sources: dict[str, Any] = {}
@@ -634,6 +636,17 @@ class OutOfCore:
             bar = _lazy("dask.diagnostics").ProgressBar()
         with bar:
             dask.compute(stored, scheduler="threads", num_workers=num_workers)
+
+
+def _check_policy(optimizer: Optimizer) -> None:
+    """Refuse ``nonfinite="skip"``: chunks are stepped one by one, so one chunk's NaN
+    could not skip the others' update ("raise" fails the step, which is never committed)."""
+    if optimizer.nonfinite == "skip":
+        raise ValueError(
+            "OutOfCore steps every chunk on its own, so nonfinite='skip' cannot skip a whole "
+            "step; use 'raise' (the step fails and the committed version stays) or "
+            "'propagate'"
+        )
 
 
 def _update_chunk(

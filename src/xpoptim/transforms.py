@@ -32,9 +32,10 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from . import _rules, _selection
+from . import _nonfinite, _rules, _selection
 from . import _validation as check
 from ._compat import Array, Namespace
+from ._execution import select as _select
 from ._execution import updates_in_place
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -301,18 +302,6 @@ class MultiStepsState(NamedTuple):
     inner: Any
 
 
-def _select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
-    """``new`` where the 0-d boolean ``flag`` holds, else ``old``, over nested state."""
-    if new is None:
-        return None
-    if isinstance(new, Mapping):
-        return {k: _select(flag, new[k], old[k], xp) for k in new}
-    if isinstance(new, tuple):
-        parts = [_select(flag, n, o, xp) for n, o in zip(new, old, strict=True)]
-        return type(new)(*parts) if hasattr(new, "_fields") else tuple(parts)
-    return xp.where(flag, new, old)
-
-
 class MultiSteps(_Wrapper):
     """Gradient accumulation: one update every ``every_k`` calls, on the mean gradient.
 
@@ -464,6 +453,11 @@ class ParamGroups(_Wrapper):
             overrides = {k: v for k, v in group.items() if k != "params"}
             if "type" in overrides:
                 raise ValueError(f"groups[{i}] cannot change the optimizer type")
+            if "nonfinite" in overrides:
+                raise ValueError(
+                    f"groups[{i}] cannot change nonfinite: the policy decides for the whole "
+                    "step, every group at once"
+                )
             selector = _selection.check_selector(group["params"], f"groups[{i}]['params']")
             try:
                 member = type(optimizer).from_config({**base, **overrides})
@@ -511,12 +505,20 @@ class ParamGroups(_Wrapper):
         for opt, part, sub in zip(self._optimizers, p_parts, state.groups, strict=True):
             opt._validate_hyperparameters()
             opt._check_state(sub, part, xp)
+        # The nonfinite policy decides once for the whole step, before any group changes:
+        # a NaN in one group skips (or refuses) every group's update.
+        finite = _nonfinite.all_finite(self.optimizer.nonfinite, grads, xp)
+        if finite is False:
+            skipped = (sub._replace(skipped=(sub.skipped or 0) + 1) for sub in state.groups)
+            return dict(params), ParamGroupsState(tuple(skipped))
         new_params: dict[str, Array] = {}
         new_states = []
         for opt, p_part, g_part, sub in zip(
             self._optimizers, p_parts, g_parts, state.groups, strict=True
         ):
             updated, new_sub = opt.update(p_part, g_part, sub)
+            if finite is not None and finite is not True:  # lazy: the step's flag, not the group's
+                updated, new_sub = _nonfinite.select(finite, (updated, new_sub), (p_part, sub), xp)
             new_params.update(updated)
             new_states.append(new_sub)
         return {name: new_params[name] for name in params}, ParamGroupsState(tuple(new_states))
