@@ -14,6 +14,7 @@ import threading
 import tracemalloc
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -481,3 +482,33 @@ def test_state_after_a_pickle_round_trip_steps_on_bit_identically():
                 params, state = opt.update(params, g, state)
         results.append((params, state))
     assert_bit_identical(results[1], results[0])
+
+
+def _rebinding_rule(p, g, buf, *, xp):
+    """A rule that returns new arrays instead of writing (as ``xp.maximum`` forces)."""
+    buf = xp.maximum(buf, g)
+    p = p - buf
+    return p, buf
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("layout", ["big", "many-small"])
+def test_results_a_rule_rebinds_are_written_back_in_place(fast, layout):
+    from xpoptim._execution import run_rule
+
+    params_np, grads_np = problem(layout)
+    params = copies(params_np, np.float64)
+    buffers = {k: np.full_like(v, 0.25) for k, v in params.items()}
+    grads = copies(grads_np[0], np.float64)
+    xp = array_api_compat.array_namespace(*params.values())
+    options = FAST if fast else {"fast": False}
+    with xpoptim.execution_options(**options):
+        new_params, (new_buffers,) = run_rule(
+            _rebinding_rule, params, grads, [buffers], shared={}, per_param=lambda name: {}, xp=xp
+        )
+    for name, p0 in params_np.items():
+        want_buf = np.maximum(0.25, grads_np[0][name])
+        assert new_params[name] is params[name]
+        assert new_buffers[name] is buffers[name]
+        np.testing.assert_array_equal(buffers[name], want_buf)
+        np.testing.assert_array_equal(params[name], p0 - want_buf)

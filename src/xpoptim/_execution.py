@@ -110,13 +110,20 @@ def apply_rule(
         The rule's results: the same objects as ``updated`` where the arrays were updated
         in place, new arrays otherwise.
     """
-    p, *buffers = (owned(x, xp) for x in updated)
-    results = rule(p, gradient, *buffers, xp=xp, **hyper)
-    # Hand back the caller's own objects where they were updated in place (for a
-    # PyTorch leaf tensor the rule saw its detached alias).
-    return tuple(
-        old if updates_in_place(old) else new for old, new in zip(updated, results, strict=True)
-    )
+    mine = [owned(x, xp) for x in updated]
+    results = rule(mine[0], gradient, *mine[1:], xp=xp, **hyper)
+    out = []
+    for old, given, new in zip(updated, mine, results, strict=True):
+        if not updates_in_place(old):
+            out.append(new)
+            continue
+        if new is not given:
+            # The rule rebound this array (``v = xp.maximum(v, w)``) where it could have
+            # written it: put the value where the caller's array lives.
+            given[...] = new
+        # The caller's own object (for a PyTorch leaf tensor the rule saw its alias).
+        out.append(old)
+    return tuple(out)
 
 
 def select(flag: Array, new: Any, old: Any, xp: Namespace) -> Any:
@@ -720,7 +727,14 @@ def _block_task(
     xp: Namespace,
 ) -> None:
     p, *buffers, gradient = (a[index] for a in arrays)
-    rule(p, gradient, *buffers, xp=xp, **scalars)
+    _write_back((p, *buffers), rule(p, gradient, *buffers, xp=xp, **scalars))
+
+
+def _write_back(views: Sequence[np.ndarray], results: Sequence[np.ndarray]) -> None:
+    """Copy into ``views`` the results the rule returned as new arrays (it rebound them)."""
+    for view, result in zip(views, results, strict=True):
+        if result is not view:
+            np.copyto(view, result)
 
 
 _scratch_local = threading.local()
@@ -767,7 +781,7 @@ def _group_task(
                 scatter.append((arrays, span))
         spans.append(span)
     p, *buffers, gradient = spans
-    rule(p, gradient, *buffers, xp=xp, **scalars)
+    _write_back((p, *buffers), rule(p, gradient, *buffers, xp=xp, **scalars))
     for arrays, span in scatter:
         offset = 0
         for a in arrays:

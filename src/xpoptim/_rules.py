@@ -9,7 +9,10 @@ silently promote it).
 The rules use the standard's in-place operators (``m *= beta1``). On eager, writeable
 arrays (NumPy, CuPy, PyTorch, array-api-strict) they update the buffers in place; on
 immutable or lazy arrays (JAX, Dask) the same statements rebind to new arrays. Either
-way the rule *returns* its results, and callers must use what it returns. How a rule is
+way the rule *returns* its results, and callers must use what it returns. A rule may
+also rebind a buffer to a new array (``v_max = xp.maximum(v_max, v)``, which has no
+in-place form); where buffers are updated in place, the execution layer writes that
+value back into the buffer's memory. How a rule is
 executed for a given backend (in place, on copies, lazily, blocked) is decided in
 :mod:`xpoptim._execution`, never here.
 
@@ -246,11 +249,9 @@ def adam_amsgrad(
     m += (1.0 - beta1) * g
     v *= beta2
     v += (1.0 - beta2) * xp.square(g)
-    # max(v_max, v), written into v_max itself where it is writeable:
-    # v_max += max(v - v_max, 0), with max(d, 0) = (d + |d|) / 2 (d + |d| is exactly 2d or
-    # 0); the sum equals v up to one rounding when v is more than twice v_max.
-    d = v - v_max
-    v_max += 0.5 * (d + xp.abs(d))
+    # A new array: where the buffers are updated in place, the execution layer writes it
+    # back into v_max's memory.
+    v_max = xp.maximum(v_max, v)
     denom = xp.sqrt(v_max)
     denom /= sqrt_bias_correction2
     denom += epsilon
