@@ -53,7 +53,7 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    """What :func:`load` returns.
+    """What `load` returns.
 
     Attributes:
         optimizer: a new optimizer built from the saved config, whose ``step(layers)``
@@ -268,7 +268,7 @@ def load(
     xp: Namespace | None = None,
     device: Any = None,
 ) -> Checkpoint:
-    """Read a checkpoint written by :func:`save`.
+    """Read a checkpoint written by `save`.
 
     Args:
         path: the file.

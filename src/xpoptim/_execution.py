@@ -1,8 +1,8 @@
 """How an update rule is executed on a given backend: the one backend-aware module.
 
-The rules in :mod:`xpoptim._rules` are pure math. This module decides, per array, how
+The rules in `xpoptim._rules` are pure math. This module decides, per array, how
 they run: on the plain path from the capabilities that array-api-compat reports, on the
-fast path for plain ``numpy.ndarray`` arrays only (:func:`run_rule`):
+fast path for plain ``numpy.ndarray`` arrays only (`run_rule`):
 
 * **in place** -- eager, writeable arrays (NumPy, CuPy, PyTorch, array-api-strict): the
   rule's in-place operators update the parameter and state buffers where they are;
@@ -16,7 +16,7 @@ fast path for plain ``numpy.ndarray`` arrays only (:func:`run_rule`):
   few threads (NumPy releases the GIL in its loops). Parameters smaller than a block are
   packed into groups with identical rule scalars: their parameters and gradients are
   gathered into a per-thread, block-sized scratch buffer (the state already lies side by
-  side in one flat buffer per dtype, laid out by :func:`zeros_state`), so one rule call
+  side in one flat buffer per dtype, laid out by `zeros_state`), so one rule call
   covers many parameters. Every element goes through the same operations in the same
   order as on the plain path, so the results are bit-identical; temporaries are at most
   block-sized, and memory is streamed about once per step.
@@ -100,7 +100,7 @@ def apply_rule(
     """Run ``rule(p, g, *buffers, xp=xp, **hyper)`` and return its results.
 
     Args:
-        rule: an elementwise update rule from :mod:`xpoptim._rules`.
+        rule: an elementwise update rule from `xpoptim._rules`.
         updated: the parameter followed by its state buffers, in the rule's order.
         gradient: the gradient; never written.
         xp: the namespace of all arrays.
@@ -225,7 +225,7 @@ MAX_LAZY_LAYERS = 512
 
 
 class LazyGraphWarning(UserWarning):
-    """Lazy steps are being chained without committing them (see :func:`persist`)."""
+    """Lazy steps are being chained without committing them (see `persist`)."""
 
 
 def _graph_layers(x: Array) -> int:
@@ -259,7 +259,7 @@ def warn_if_deep(params: Mapping[str, Array]) -> None:
 def persist(params: Any, state: Any) -> tuple[Any, Any]:
     """Compute the lazy arrays of ``(params, state)`` once and keep the results.
 
-    Call it after each :meth:`~xpoptim.Optimizer.update` on Dask arrays: the next step
+    Call it after each `xpoptim.Optimizer.update` on Dask arrays: the next step
     then starts from a graph of one task per chunk instead of the whole history. The
     parameters and every state buffer are computed together, so shared work runs once;
     with a ``dask.distributed`` client active the results stay in the cluster's memory.
@@ -306,13 +306,13 @@ _MIN_BLOCK_SIZE = 64
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionOptions:
-    """How eager NumPy steps run. See :func:`execution_options`.
+    """How eager NumPy steps run. See `execution_options`.
 
     Attributes:
         fast: use the blocked, threaded fast path for plain writeable NumPy arrays.
         num_threads: threads for the fast path. ``None``: ``XPOPTIM_NUM_THREADS`` if set,
             else chosen per kind of step between 1 and a cap (``OMP_NUM_THREADS`` or every
-            CPU) by timing steps (:class:`~xpoptim._threads.ThreadTuner`). Always capped
+            CPU) by timing steps (`xpoptim._threads.ThreadTuner`). Always capped
             by the CPUs the process may use.
         block_size: elements per block (and per group of small parameters); ``None``:
             ``DEFAULT_BLOCK_BYTES`` worth of the parameter's dtype.
@@ -330,7 +330,7 @@ class ExecutionOptions:
         return max(1, min(self.num_threads, available_cpus()))
 
     def tuned(self) -> bool:
-        """Whether the thread count is left to :class:`~xpoptim._threads.ThreadTuner`
+        """Whether the thread count is left to `xpoptim._threads.ThreadTuner`
         (nobody set it: no ``num_threads``, no ``XPOPTIM_NUM_THREADS``)."""
         return self.num_threads is None and not os.environ.get(ENV_VAR, "").strip()
 
@@ -402,7 +402,7 @@ def execution_options(
 def set_execution_options(
     *, fast: bool | None = None, num_threads: int | None = None, block_size: int | None = None
 ) -> ExecutionOptions:
-    """Change the process-wide defaults of :func:`execution_options`; return them."""
+    """Change the process-wide defaults of `execution_options`; return them."""
     global _GLOBAL_OPTIONS
     _GLOBAL_OPTIONS = _updated_options(_GLOBAL_OPTIONS, fast, num_threads, block_size)
     return _GLOBAL_OPTIONS
@@ -411,7 +411,7 @@ def set_execution_options(
 # -- flat state ---------------------------------------------------------------------------
 
 #: id(view) -> (weak reference to the view, its flat base, its offset in the base), for
-#: the state views made by :func:`zeros_state`. A group of small parameters whose state
+#: the state views made by `zeros_state`. A group of small parameters whose state
 #: views lie side by side in one base is updated through one view of the base, no copy.
 _SPANS: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray, int]] = {}
 
@@ -487,7 +487,7 @@ def zeros_state(
 
     For plain NumPy parameters (fast path on), the buffers of parameters smaller than a
     block are views into one flat buffer per dtype, laid out in the order in which
-    :func:`run_rule` groups them (by dtype and rule scalars, ``scalars(name)``), so that a
+    `run_rule` groups them (by dtype and rule scalars, ``scalars(name)``), so that a
     group's state is one contiguous span. Other buffers come from ``xp.zeros_like``
     (keeping shape, dtype, device and, for Dask, chunks).
     """
@@ -526,7 +526,7 @@ def relayout_state(
     xp: Namespace,
 ) -> list[dict[str, Array]]:
     """``state`` (buffers made elsewhere: loaded, unpickled) copied into the memory layout
-    of :func:`zeros_state` where the fast path would use one, else returned as it is.
+    of `zeros_state` where the fast path would use one, else returned as it is.
 
     Plain NumPy only: a loaded state then steps as fast as a new one (a state of separate
     arrays gives the same results, through the slower gathered path).
@@ -566,10 +566,10 @@ def run_rule(
     """Apply ``rule`` to every parameter: ``rule(p, g, *buffers, xp=xp, **scalars)``.
 
     Plain writeable NumPy arrays take the blocked fast path; every other array runs the
-    rule through :func:`apply_rule` (in place, rebinding, or on a copy).
+    rule through `apply_rule` (in place, rebinding, or on a copy).
 
     Args:
-        rule: an elementwise update rule from :mod:`xpoptim._rules`.
+        rule: an elementwise update rule from `xpoptim._rules`.
         params: parameter name -> parameter.
         grads: parameter name -> gradient (never written).
         state: the state buffers, one mapping per buffer of the rule, in its order.

@@ -16,7 +16,7 @@
   (use ``"skip"``).
 
 The reduction and the reading are backend-aware execution, so they live here and in
-:mod:`xpoptim._execution`, never in the rules.
+`xpoptim._execution`, never in the rules.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def check_policy(value: Any) -> str:
-    """``value``, checked to be one of :data:`POLICIES`."""
+    """``value``, checked to be one of `POLICIES`."""
     if not isinstance(value, str) or value not in POLICIES:
         raise ValueError(f"nonfinite must be one of {list(POLICIES)}, got {value!r}")
     return value
@@ -75,7 +75,7 @@ def all_finite(policy: str, grads: Mapping[str, Array], xp: Namespace) -> Any:
     Returns:
         ``None`` for ``"propagate"`` or no gradients (nothing checked); a Python bool when
         the values were read; for ``"skip"`` on lazy or traced arrays, a 0-d boolean array
-        to give to :func:`select`.
+        to give to `select`.
 
     Raises:
         NonFiniteGradientError: ``"raise"`` and a gradient is not finite.

@@ -1,6 +1,6 @@
 """The optimizers: SGD, RMSprop and Adam, with the names and defaults of mpneuralnetwork 1.1.1.
 
-Each optimizer offers two ways in, both running the same rule from :mod:`xpoptim._rules`:
+Each optimizer offers two ways in, both running the same rule from `xpoptim._rules`:
 
 * the functional core, optax-style: ``state = opt.init(params)`` then
   ``params, state = opt.update(params, grads, state)``, for any Array API backend
@@ -35,7 +35,7 @@ NOT_DECAYED = ("bias", "beta", "gamma")
 
 
 class SGDState(NamedTuple):
-    """State of :class:`SGD`.
+    """State of `SGD`.
 
     Attributes:
         step: number of updates applied so far (a Python int; a traced integer under
@@ -51,7 +51,7 @@ class SGDState(NamedTuple):
 
 
 class RMSpropState(NamedTuple):
-    """State of :class:`RMSprop`.
+    """State of `RMSprop`.
 
     Attributes:
         step: number of updates applied so far.
@@ -72,7 +72,7 @@ class RMSpropState(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    """State of :class:`Adam`.
+    """State of `Adam`.
 
     Attributes:
         step: number of updates applied so far (the seed's ``t``).
@@ -167,7 +167,7 @@ class Optimizer:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Optimizer:
-        """Rebuild an optimizer from :meth:`get_config` output."""
+        """Rebuild an optimizer from `get_config` output."""
         config = dict(config)
         kind = config.pop("type", cls.__name__)
         if kind != cls.__name__:
@@ -277,7 +277,7 @@ class Optimizer:
             params: parameter name -> array.
             grads: parameter name -> gradient, with the parameter's shape, dtype,
                 namespace and device.
-            state: the state from :meth:`init` or from the previous ``update``.
+            state: the state from `init` or from the previous ``update``.
 
         Returns:
             ``(new_params, new_state)``.
@@ -352,7 +352,7 @@ class Optimizer:
 
         Raises:
             TypeError: a parameter cannot be updated in place (JAX, Dask or read-only
-                arrays); use :meth:`update` for those.
+                arrays); use `update` for those.
         """
         params, grads = self._collect(layers)
         for name, p in params.items():
@@ -397,12 +397,12 @@ class Optimizer:
 
     @property
     def state(self) -> Any:
-        """The state kept by :meth:`step` (``None`` before the first step)."""
+        """The state kept by `step` (``None`` before the first step)."""
         return self._state
 
     @property
     def params(self) -> dict[str, Any]:
-        """The state kept by :meth:`step`, in the seed's layout (keyed by stable names)."""
+        """The state kept by `step`, in the seed's layout (keyed by stable names)."""
         fields = self._buffer_fields()
         if self._state is None:
             return {field: {} for field in fields}
@@ -414,8 +414,8 @@ class Optimizer:
         """A versioned snapshot of a state as a plain nested dict.
 
         Args:
-            state: a state from :meth:`init`/:meth:`update`; by default the state kept by
-                :meth:`step`.
+            state: a state from `init`/`update`; by default the state kept by
+                `step`.
 
         Returns:
             ``{"format_version", "optimizer", "config", "step", "skipped", "buffers"}``, with
@@ -432,7 +432,7 @@ class Optimizer:
         xp: Namespace | None = None,
         device: Any = None,
     ) -> None:
-        """Restore the state kept by :meth:`step` from :meth:`state_dict` output.
+        """Restore the state kept by `step` from `state_dict` output.
 
         Everything is checked before anything changes; a refused load leaves the
         optimizer as it was. Hyperparameters are not changed (the dict's ``config`` is
@@ -441,9 +441,9 @@ class Optimizer:
         Args:
             state_dict: the dict to load (from any backend or device).
             like: the parameters the state belongs to, as ``{name: array}`` or as the
-                layers given to :meth:`step`: each buffer is checked against and placed
+                layers given to `step`: each buffer is checked against and placed
                 on its parameter's namespace, device and dtype now. Without it, buffers
-                are placed like their parameters at the next :meth:`step`.
+                are placed like their parameters at the next `step`.
             xp: without ``like``, the namespace to place the buffers in now.
             device: with ``xp``, the device to place them on.
         """
@@ -531,7 +531,7 @@ class RMSprop(Optimizer):
 
     Update rule:
 
-    1. ``g = g + R(w)`` (as in :class:`SGD`)
+    1. ``g = g + R(w)`` (as in `SGD`)
     2. ``cache = decay_rate * cache + (1 - decay_rate) * g**2``
     3. ``w = w - learning_rate * g / (sqrt(cache) + epsilon)``
 
@@ -715,12 +715,12 @@ class Adam(Optimizer):
 
     @property
     def t(self) -> int:
-        """The step count of :meth:`step` (the seed's attribute)."""
+        """The step count of `step` (the seed's attribute)."""
         return 0 if self._state is None else int(self._state.step)
 
     @property
     def params(self) -> dict[str, Any]:
-        """The state kept by :meth:`step` in the seed's layout: ``t``, momentums, velocities."""
+        """The state kept by `step` in the seed's layout: ``t``, momentums, velocities."""
         return {"t": self.t, **super().params}
 
 

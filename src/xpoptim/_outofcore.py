@@ -1,9 +1,9 @@
 """Out-of-core optimization: parameters and state in a Zarr group on disk, streamed by Dask.
 
-:class:`OutOfCore` keeps the parameters and every state buffer of an optimizer as Zarr
+`OutOfCore` keeps the parameters and every state buffer of an optimizer as Zarr
 arrays in one directory, and runs each step as one Dask computation that reads every
 chunk once and writes every output chunk once. The math is the optimizer's own
-:meth:`~xpoptim.Optimizer.update` (the rules of :mod:`xpoptim._rules`) applied to Dask
+`xpoptim.Optimizer.update` (the rules of `xpoptim._rules`) applied to Dask
 arrays that read from Zarr: there is no second copy of the update rules here.
 
 Layout of the directory (a Zarr v3 group)::
@@ -82,7 +82,7 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class StepSummary:
-    """What one :meth:`OutOfCore.step` did.
+    """What one `OutOfCore.step` did.
 
     Attributes:
         step: the committed step count after the call.
@@ -176,8 +176,8 @@ def _regular_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | No
 class OutOfCore:
     """An optimizer whose parameters and state live in a Zarr group on disk.
 
-    Make one with :meth:`create` (new store) or :meth:`open` (existing store), then call
-    :meth:`step` once per gradient. Each step is crash-safe and idempotent (see the
+    Make one with `create` (new store) or `open` (existing store), then call
+    `step` once per gradient. Each step is crash-safe and idempotent (see the
     module docstring and ``docs/out-of-core.md``).
 
     Example:
@@ -190,7 +190,7 @@ class OutOfCore:
         >>> store.step_count, round(float(store.read()[0]["w"][0, 0]), 6)  # 1 - 0.1
         (1, 0.9)
 
-    Args (of the constructor, which :meth:`create` and :meth:`open` call):
+    Args (of the constructor, which `create` and `open` call):
         directory: the store's directory.
         optimizer: the optimizer whose rule each step runs.
         num_workers: threads of the local scheduler (None: Dask's default, the CPU count).
@@ -226,8 +226,8 @@ class OutOfCore:
 
         Args:
             directory: where to create it; must not exist or be empty unless ``overwrite``.
-            optimizer: an :class:`~xpoptim.SGD`, :class:`~xpoptim.RMSprop` or
-                :class:`~xpoptim.Adam`.
+            optimizer: an `xpoptim.SGD`, `xpoptim.RMSprop` or
+                `xpoptim.Adam`.
             params: name -> initial values: NumPy, Dask or Zarr arrays of a real floating
                 dtype (a Dask array is computed chunk by chunk, so it may be larger than
                 memory). Names must not contain ``/``.
@@ -313,7 +313,7 @@ class OutOfCore:
         """Open an existing store. Nothing on disk changes.
 
         Args:
-            directory: a directory made by :meth:`create`.
+            directory: a directory made by `create`.
             optimizer: the optimizer to step with; None rebuilds the committed one from its
                 stored configuration. It must be of the stored type, and configured as
                 committed unless ``reconfigure`` (e.g. a learning-rate schedule).
@@ -422,7 +422,7 @@ class OutOfCore:
             progress: show Dask's progress bar.
 
         Returns:
-            A :class:`StepSummary` (``str()`` gives a one-line report).
+            A `StepSummary` (``str()`` gives a one-line report).
         """
         da = _lazy("dask.array")
 

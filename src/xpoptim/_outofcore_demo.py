@@ -2,7 +2,7 @@
 
 ``run_out_of_core_demo(directory, size_bytes)`` creates parameters whose total footprint
 (parameters + Adam's two state buffers + the gradient) is ``size_bytes``, runs a few
-:class:`~xpoptim.OutOfCore` steps with a gradient generated chunk by chunk (never whole
+`xpoptim.OutOfCore` steps with a gradient generated chunk by chunk (never whole
 in memory), checks randomly sampled chunks bit for bit against the in-memory optimizer
 run on NumPy copies of those chunks (the rules are elementwise, so a chunk can be
 stepped alone), and reports GB/s and peak RSS.
@@ -109,7 +109,7 @@ def synthetic_arrays(
 def synthetic_layout(
     param_bytes: int, chunk_bytes: int, dtype: Any = "float32"
 ) -> dict[str, dict[str, Any]]:
-    """Shapes and chunks of :data:`LAYERS` weight matrices ``(rows, WIDTH)`` and biases."""
+    """Shapes and chunks of `LAYERS` weight matrices ``(rows, WIDTH)`` and biases."""
     itemsize = np.dtype(dtype).itemsize
     rows = max(1, (param_bytes // itemsize - LAYERS * WIDTH) // (LAYERS * WIDTH))
     chunk_rows = max(1, min(rows, chunk_bytes // (WIDTH * itemsize)))
@@ -142,7 +142,7 @@ def run_synthetic_steps(
     ``until``: re-running it after a crash continues where the last commit left off.
 
     ``crash_at`` kills this process with SIGKILL when a step reaches that phase (see
-    :data:`xpoptim._outofcore._phase_hook`); ``ready`` (an event) is set once the store
+    `xpoptim._outofcore._phase_hook`); ``ready`` (an event) is set once the store
     is open. Both serve the crash tests, which run this in a forked process.
     """
     from . import _outofcore

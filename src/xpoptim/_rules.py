@@ -14,7 +14,7 @@ also rebind a buffer to a new array (``v_max = xp.maximum(v_max, v)``, which has
 in-place form); where buffers are updated in place, the execution layer writes that
 value back into the buffer's memory. How a rule is
 executed for a given backend (in place, on copies, lazily, blocked) is decided in
-:mod:`xpoptim._execution`, never here.
+`xpoptim._execution`, never here.
 
 Every rule is elementwise, so it may be applied to any slice of its arrays.
 """
@@ -237,7 +237,7 @@ def adam_amsgrad(
 ) -> tuple[Array, Array, Array, Array]:
     """Adam with AMSGrad: the denominator uses the running maximum of ``v``.
 
-    As :func:`adam`, with ``v_max = max(v_max, v)`` after the update of ``v`` and
+    As `adam`, with ``v_max = max(v_max, v)`` after the update of ``v`` and
     ``p = p - (lr/bc1) * m / (sqrt(v_max)/sqrt(bc2) + eps)`` (PyTorch's
     ``amsgrad=True``).
 

@@ -2,7 +2,7 @@
 
 A *selector* is either a sequence of name patterns or a predicate ``name -> bool``. A
 pattern with a wildcard (``*``, ``?`` or ``[``) is matched against the whole name with
-:func:`fnmatch.fnmatchcase`; any other pattern matches names that contain it, which is
+`fnmatch.fnmatchcase`; any other pattern matches names that contain it, which is
 the seed's rule (``"bias"`` matches ``"0.bias"`` and ``"dense.bias_hh"``).
 """
 

@@ -223,7 +223,7 @@ def state_from_dict(
     xp: Namespace | None = None,
     device: Any = None,
 ) -> Any:
-    """The state NamedTuple of ``opt`` described by ``sd`` (the inverse of :func:`state_to_dict`).
+    """The state NamedTuple of ``opt`` described by ``sd`` (the inverse of `state_to_dict`).
 
     Args:
         opt: the optimizer (its type must be the dict's).
@@ -287,7 +287,7 @@ def load_state_dict(
 
     Without ``like`` (or with ``provisional``: ``like`` are not the parameters that
     ``step`` will see), the buffers are placed like their parameters when ``step`` first
-    sees them (:func:`adopt`), after their shapes are checked.
+    sees them (`adopt`), after their shapes are checked.
     """
     state = state_from_dict(opt, sd, like, xp=xp, device=device)
     names = set().union(*(getattr(state, f).keys() for f in opt._buffer_fields()))

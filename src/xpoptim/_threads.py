@@ -1,6 +1,6 @@
 """How many threads the blocked fast path may use, and the small pool that runs it.
 
-The blocked fast path (:mod:`xpoptim._execution`) splits one optimizer step into
+The blocked fast path (`xpoptim._execution`) splits one optimizer step into
 independent tasks (cache-sized blocks of one parameter, or groups of small parameters)
 and runs them from a few threads: NumPy releases the GIL inside its elementwise loops,
 so the threads stream memory in parallel.
@@ -11,10 +11,10 @@ Never oversubscribe:
   (``os.sched_getaffinity``, else ``os.cpu_count()``);
 * ``XPOPTIM_NUM_THREADS`` sets it; without it ``OMP_NUM_THREADS`` (the variable that
   threadpoolctl-style tools and job schedulers set to cap every pool in a process) caps it;
-  :func:`xpoptim.execution_options` overrides both;
+  `xpoptim.execution_options` overrides both;
 * a task that itself runs inside the pool (an optimizer stepped from a pool thread) runs
   its own tasks serially, never in a nested pool;
-* when nobody set the count, :class:`ThreadTuner` uses more than one thread only while
+* when nobody set the count, `ThreadTuner` uses more than one thread only while
   that measurably pays off (on a machine whose cores other jobs keep busy it does not).
 """
 
