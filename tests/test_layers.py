@@ -147,3 +147,17 @@ def test_config_round_trip(kind):
     with pytest.raises(ValueError, match="config is for"):
         xpoptim.SGD.from_config({**config, "type": "Other"})
     assert repr(rebuilt).startswith(f"{kind}(learning_rate=0.02")
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [{"dense": object()}, np.ones((2, 2)), object(), "layers"],
+    ids=["dict", "array", "object", "str"],
+)
+def test_step_refuses_what_is_not_a_list_of_layers(layers):
+    """The seed iterated whatever it was given: a dict of layers or an array silently
+    updated nothing."""
+    opt = xpoptim.SGD()
+    with pytest.raises(TypeError, match=r"layers must be a list .* pass model.layers"):
+        opt.step(layers)
+    assert opt.state is None

@@ -270,7 +270,7 @@ def test_altered_array_is_reported(small_store):
 def test_store_of_another_optimizer_is_refused(small_store):
     store, _, _ = small_store
     before = snapshot(store.directory)
-    with pytest.raises(xpoptim.StoreError, match=r"written by a Adam optimizer, not SGD"):
+    with pytest.raises(xpoptim.StoreError, match=r"written by the optimizer Adam, not SGD"):
         xpoptim.OutOfCore.open(store.directory, xpoptim.SGD())
     with pytest.raises(xpoptim.StoreError, match=r"pass reconfigure=True"):
         xpoptim.OutOfCore.open(store.directory, xpoptim.Adam(learning_rate=0.5))

@@ -8,6 +8,7 @@ in place); immutable or lazy ones (JAX, Dask) through ``optimizer.update``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import time
@@ -129,6 +130,16 @@ def _persist(tree: dict[str, Array]) -> dict[str, Array]:
     return {k: v.persist() if hasattr(v, "persist") else v for k, v in tree.items()}
 
 
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """One BLAS thread for the demo's small matrix products: on a busy machine, threads
+    fighting over cores made them up to 20x slower (and the timings meaningless)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the [demo] extra brings it; without it, BLAS decides
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")  # type: ignore[no-any-return]
+
+
 @dataclass
 class Result:
     name: str
@@ -217,7 +228,7 @@ def run_demo(
     data = (
         xp.asarray(x_np, dtype=dtype, copy=True),
         xp.asarray(onehot_np, dtype=dtype, copy=True),
-        xp.asarray(y_np, dtype=xp.int64, copy=True),
+        xp.asarray(y_np, dtype=xp.int32, copy=True),
     )
     optimizers: list[Optimizer] = [
         SGD(learning_rate=0.1, momentum=0.9),
@@ -225,7 +236,8 @@ def run_demo(
         Adam(learning_rate=0.01),
     ]
     print(f"xpoptim demo: backend={backend}, {samples} samples, {steps} steps, float32")
-    results = [train(xp, opt, data, steps=steps, seed=seed) for opt in optimizers]
+    with _one_blas_thread():
+        results = [train(xp, opt, data, steps=steps, seed=seed) for opt in optimizers]
     print(f"{'optimizer':<10} {'first loss':>10} {'final loss':>10} {'accuracy':>9} {'time':>8}")
     for r in results:
         print(

@@ -323,6 +323,16 @@ class Optimizer:
 
     @staticmethod
     def _collect(layers: Iterable[Any]) -> tuple[dict[str, Array], dict[str, Array]]:
+        if (
+            isinstance(layers, Mapping | str | bytes)
+            or hasattr(layers, "shape")
+            or not isinstance(layers, Iterable)
+        ):
+            raise TypeError(
+                "layers must be a list (or other sequence) of layers, each with a `params` "
+                f"attribute, got {type(layers).__name__}: pass model.layers, not the model "
+                "or a dict of layers"
+            )
         params: dict[str, Array] = {}
         grads: dict[str, Array] = {}
         for index, layer in enumerate(layers):

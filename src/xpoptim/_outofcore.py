@@ -336,7 +336,7 @@ class OutOfCore:
             optimizer = _OPTIMIZERS[kind].from_config(config)
         elif type(optimizer).__name__ != kind:
             raise StoreError(
-                f"{directory} was written by a {kind} optimizer, not {type(optimizer).__name__}"
+                f"{directory} was written by the optimizer {kind}, not {type(optimizer).__name__}"
             )
         elif not reconfigure and optimizer.get_config() != pointer["optimizer"]:
             raise StoreError(
