@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -214,3 +215,54 @@ def test_bad_layers_are_refused_before_anything_changes():
         opt.step([good, Layer({"b": (np.ones(3), np.ones(4))})])
     np.testing.assert_array_equal(w, np.ones(3))
     assert opt.state is None
+
+
+@pytest.mark.parametrize(
+    ("step", "exc", "match"),
+    [
+        (np.array(-5), ValueError, r"state\.step must be >= 0, got -5"),
+        (np.array(2.7), TypeError, r"state\.step must be an integer, got dtype float64"),
+        (np.array([3]), TypeError, r"state\.step must be a 0-d integer array, got shape \(1,\)"),
+        (True, TypeError, r"state\.step must be an integer"),
+    ],
+    ids=["negative 0-d", "float 0-d", "1-d", "bool"],
+)
+def test_bad_step_arrays_are_refused_before_anything_changes(step, exc, match):
+    opt = xpoptim.Adam()
+    params = {"w": np.ones(3)}
+    state = opt.init(params)
+    with pytest.raises(exc, match=match):
+        opt.update(params, {"w": np.full(3, 0.5)}, state._replace(step=step))
+    np.testing.assert_array_equal(params["w"], np.ones(3))
+    np.testing.assert_array_equal(state.momentums["w"], np.zeros(3))
+    np.testing.assert_array_equal(state.velocities["w"], np.zeros(3))
+
+
+def test_a_numpy_step_count_keeps_float32_state_float32():
+    """A NumPy integer count would make the bias corrections float64 scalars."""
+    opt = xpoptim.Adam()
+    params = {"w": np.ones(3, np.float32)}
+    state = opt.init(params)._replace(step=np.int64(4))
+    xp = array_api_compat.array_namespace(params["w"])
+    scalars = opt._step_scalars(opt._check_state(state, params, xp) + 1)
+    assert all(type(v) in (float, bool) for v in scalars.values()), scalars
+
+
+def test_a_failing_no_decay_predicate_changes_nothing(backend: Backend):
+    """The predicate is user code: if it fails on one parameter, none is updated."""
+    fail = {"on": None}
+
+    def predicate(name):
+        if name == fail["on"]:
+            raise RuntimeError(f"predicate failed on {name}")
+        return False
+
+    opt = xpoptim.SGD(learning_rate=0.1, no_decay=predicate)
+    params = {"a": backend.asarray(np.ones(2)), "b": backend.asarray(np.ones(2))}
+    state = opt.init(params)
+    fail["on"] = "b"
+    with pytest.raises(RuntimeError, match="predicate failed on b"):
+        opt.update(params, {k: backend.asarray(np.ones(2)) for k in params}, state)
+    assert_unchanged(backend, {"a": np.ones(2), "b": np.ones(2)}, params)
+    for buffers in buffers_of(state):
+        assert_unchanged(backend, {"a": np.zeros(2), "b": np.zeros(2)}, buffers)

@@ -386,7 +386,7 @@ def execution_options(
     Arguments left as ``None`` keep their current value. Results never depend on these
     options: the fast path is bit-identical to the plain one.
 
-    Example:
+    Examples:
         >>> import xpoptim
         >>> with xpoptim.execution_options(num_threads=1, block_size=16384) as options:
         ...     options.threads()
@@ -582,6 +582,9 @@ def run_rule(
     """
     options = current_options()
     names = list(params)
+    # Every parameter's scalars before any rule runs: ``per_param`` may call user code
+    # (a ``no_decay`` predicate), and an error there must leave nothing half-updated.
+    scalars = {name: per_param(name) for name in names}
     columns = [list(params.values()), *[[buffers[name] for name in names] for buffers in state]]
     gradients = [grads[name] for name in names]
     if options.fast and all(_plain(column) for column in (gradients, *columns)):
@@ -591,7 +594,7 @@ def run_rule(
             [a if a.flags.writeable else a.copy(order="K") for a in column] for column in columns
         ]
         items = [
-            _Item(arrays, gradient, per_param(name))
+            _Item(arrays, gradient, scalars[name])
             for name, gradient, *arrays in zip(names, gradients, *columns, strict=True)
             if arrays[0].size
         ]
@@ -611,9 +614,9 @@ def run_rule(
             results: Sequence[Array] = [
                 a if a.flags.writeable else a.copy(order="K") for a in updated
             ]
-            fast.append(_Item(results, gradient, per_param(name)))
+            fast.append(_Item(results, gradient, scalars[name]))
         else:
-            results = apply_rule(rule, updated, gradient, xp=xp, **shared, **per_param(name))
+            results = apply_rule(rule, updated, gradient, xp=xp, **shared, **scalars[name])
         new_params[name] = results[0]
         for buffers, new in zip(new_state, results[1:], strict=True):
             buffers[name] = new

@@ -21,7 +21,6 @@ The reduction and the reading are backend-aware execution, so they live here and
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,17 +49,6 @@ def initial_count(policy: str) -> int | None:
     that ``jax.jit`` traces (a jitted update compiles once, as before).
     """
     return 0 if policy == "skip" else None
-
-
-def check_skipped(skipped: Any) -> None:
-    """Check a state's ``skipped`` counter: ``None``, an int >= 0 or an integer array."""
-    if skipped is None:
-        return
-    if isinstance(skipped, numbers.Integral):
-        if skipped < 0:
-            raise ValueError(f"state.skipped must be >= 0, got {skipped}")
-    elif not hasattr(skipped, "dtype"):
-        raise TypeError(f"state.skipped must be an integer, got {skipped!r}")
 
 
 def _finite_flag(grads: Mapping[str, Array], xp: Namespace) -> Array:

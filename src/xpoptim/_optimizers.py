@@ -12,7 +12,6 @@ Each optimizer offers two ways in, both running the same rule from `xpoptim._rul
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -243,19 +242,9 @@ class Optimizer:
                 f"state must be {self.State.__name__} (from {type(self).__name__}.init), "
                 f"got {type(state).__name__}"
             )
-        step = state.step
-        if isinstance(step, numbers.Integral):
-            if step < 0:
-                raise ValueError(f"state.step must be >= 0, got {step}")
-            # A NumPy integer would turn the bias corrections into NumPy float64
-            # scalars, which promote float32 state to float64.
-            step = int(step)
-        elif not hasattr(step, "dtype"):
-            raise TypeError(f"state.step must be an integer, got {step!r}")
-        elif values_readable(step) and getattr(step, "ndim", None) == 0:
-            # A 0-d array of an eager backend: read it, for Python-float step scalars.
-            step = int(step)
-        _nonfinite.check_skipped(state.skipped)
+        step = check.counter(state.step, "state.step", readable=values_readable)
+        if state.skipped is not None:
+            check.counter(state.skipped, "state.skipped", readable=values_readable)
         for field in self._buffer_fields():
             check.like_params(getattr(state, field), params, xp, f"state.{field}")
         return step

@@ -180,7 +180,7 @@ class OutOfCore:
     `step` once per gradient. Each step is crash-safe and idempotent (see the
     module docstring and ``docs/out-of-core.md``).
 
-    Example:
+    Examples:
         >>> import numpy as np, tempfile, xpoptim
         >>> d = tempfile.mkdtemp()
         >>> store = xpoptim.OutOfCore.create(

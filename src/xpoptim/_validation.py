@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._compat import Array, Namespace, array_namespace, device, is_array_api_obj
@@ -49,6 +49,31 @@ def unit_interval(value: Any, name: str) -> float:
     number = _real(value, name)
     if not 0.0 <= number < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {number!r}")
+    return number
+
+
+def counter(value: Any, name: str, *, readable: Callable[[Any], bool]) -> Any:
+    """A step counter: a Python int >= 0, or a 0-d integer array.
+
+    A 0-d array whose value ``readable`` says can be read (an eager backend) is returned
+    as a Python int, checked >= 0: a NumPy integer or 0-d array would otherwise turn the
+    bias corrections into NumPy float64 scalars, which promote float32 state to float64.
+    A traced (``jax.jit``) or lazy counter is returned as it is.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not is_array_api_obj(value):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if getattr(value, "ndim", None) != 0:
+            raise TypeError(f"{name} must be a 0-d integer array, got shape {value.shape}")
+        if not array_namespace(value).isdtype(value.dtype, "integral"):
+            raise TypeError(f"{name} must be an integer, got dtype {value.dtype}")
+        if not readable(value):
+            return value
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number}")
     return number
 
 
