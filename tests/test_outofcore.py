@@ -505,3 +505,14 @@ def test_worker_killed_mid_step_on_a_local_cluster(tmp_path):
         assert result["summary"].step == 1
         assert victim not in client.run(os.getpid).values()
     assert_store_equals(store, *want)
+
+
+def test_a_reduce_on_plateau_schedule_drives_the_steps(tmp_path):
+    """The steps use the schedule object the user observes, not a fresh copy of it."""
+    schedule = xpoptim.schedules.ReduceOnPlateau(0.1, factor=0.5, patience=0)
+    opt = xpoptim.SGD(learning_rate=schedule, momentum=0.0, regularization=None)
+    store = xpoptim.OutOfCore.create(tmp_path / "s", opt, {"w": np.ones(4)}, chunks=(2,))
+    schedule.observe(1.0)
+    schedule.observe(2.0)  # no improvement, patience 0: the rate halves to 0.05
+    store.step({"w": np.ones(4)}, step=1)
+    np.testing.assert_allclose(store.read()[0]["w"], np.full(4, 1.0 - 0.05), rtol=1e-12)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
+from ._execution import execution_options
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
 
 #: Identifies an xpoptim out-of-core store (root group attribute ``xpoptim.format``).
@@ -449,7 +450,11 @@ class OutOfCore:
         # read: the same rule as in memory, in place on buffers the task owns. (Running
         # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
         # temporary per operation: 1.2-1.8x slower in our measurements.)
-        optimizer = type(self.optimizer).from_config(self.optimizer.get_config())
+        # A copy for the tasks, sharing the learning-rate schedule object itself: a
+        # ReduceOnPlateau the user observes keeps its reductions.
+        config = self.optimizer.get_config()
+        config["learning_rate"] = self.optimizer.learning_rate
+        optimizer = type(self.optimizer).from_config(config)
         outputs = {}
         for n in self._arrays:
             inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
@@ -662,7 +667,9 @@ def _update_chunk(
     state = optimizer.State(
         step - 1, **{f: {param: b} for f, b in zip(fields, buffers, strict=True)}
     )
-    new_params, new_state = optimizer.update({param: p}, {param: g}, state)
+    # Dask runs several of these tasks at once: one thread each, never a pool per task.
+    with execution_options(num_threads=1):
+        new_params, new_state = optimizer.update({param: p}, {param: g}, state)
     return (new_params[param], *(getattr(new_state, f)[param] for f in fields))
 
 
