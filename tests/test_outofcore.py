@@ -359,6 +359,33 @@ def test_chained_lazy_steps_warn_and_persist_keeps_the_graph_small():
     assert xpoptim.persist(eager, opt.init(eager))[0] is eager
 
 
+def _max_layers(tree: Any) -> int:
+    if isinstance(tree, dict):
+        return max((_max_layers(v) for v in tree.values()), default=0)
+    if isinstance(tree, tuple):
+        return max((_max_layers(v) for v in tree), default=0)
+    return len(tree.dask.layers) if hasattr(tree, "dask") else 0
+
+
+@pytest.mark.parametrize("wrapper", ["MultiSteps", "ParamGroups"])
+def test_persist_reaches_the_state_inside_wrappers(wrapper):
+    """The wrappers nest the inner optimizer's state: persist must reach it too."""
+    params = {"enc.w": np.ones(6), "head.w": np.ones(6)}
+    if wrapper == "MultiSteps":
+        opt = xpoptim.transforms.MultiSteps(xpoptim.Adam(), every_k=2)
+    else:
+        opt = xpoptim.transforms.ParamGroups(
+            xpoptim.Adam(), [{"params": ["enc.*"], "learning_rate": 0.01}]
+        )
+    p = {k: da.from_array(v, chunks=3) for k, v in params.items()}
+    state = opt.init(p)
+    for _ in range(8):
+        p, state = opt.update(p, {k: da.ones(6, chunks=3) for k in p}, state)
+        p, state = xpoptim.persist(p, state)
+        assert _max_layers(p) == 1
+        assert _max_layers(state) <= 1
+
+
 # -- crash safety: SIGKILL of real step processes ------------------------------------------------
 
 KILL_SEED = 7

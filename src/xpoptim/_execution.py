@@ -272,23 +272,26 @@ def persist(params: Any, state: Any) -> tuple[Any, Any]:
     Returns:
         ``(params, state)`` with the same structure.
     """
-    # Buffers of the state; the optional fields an optimizer does not use are None, and
-    # the counters (step, and skipped under nonfinite="skip") are scalars or 0-d arrays.
-    fields = [f for f in type(state)._fields[1:] if isinstance(getattr(state, f), Mapping)]
-    counters = [f for f in type(state)._fields if is_lazy_array(getattr(state, f))]
-    lazy = [("params", n) for n, x in params.items() if is_lazy_array(x)]
-    lazy += [(f, n) for f in fields for n, x in getattr(state, f).items() if is_lazy_array(x)]
-    if not lazy and not counters:
+    if not any(is_lazy_array(x) for x in _leaves((params, state))):
         return params, state
-    # Only lazy arrays get here, and Dask's are the lazy arrays xpoptim runs.
+    # Only lazy arrays get here, and Dask's are the lazy arrays xpoptim runs. Dask walks
+    # dicts and (named) tuples itself, so the nested states of wrappers (MultiSteps,
+    # ParamGroups) are persisted too, all in one computation.
     dask: Any = importlib.import_module("dask")
-    trees = {"params": dict(params), **{f: dict(getattr(state, f)) for f in fields}}
-    done = dask.persist(*(trees[f][n] for f, n in lazy), *(getattr(state, f) for f in counters))
-    for (f, n), x in zip(lazy, done[: len(lazy)], strict=True):
-        trees[f][n] = x
-    new_params = trees.pop("params")
-    kept = dict(zip(counters, done[len(lazy) :], strict=True))
-    return new_params, state._replace(**trees, **kept)
+    new_params, new_state = dask.persist(params, state)
+    return new_params, new_state
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of nested dicts and (named) tuples: arrays, counters, ``None``."""
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, tuple | list):
+        for value in tree:
+            yield from _leaves(value)
+    else:
+        yield tree
 
 
 # -- the blocked fast path: options ------------------------------------------------------
