@@ -250,3 +250,17 @@ def test_persist_keeps_the_skip_count_and_out_of_core_refuses_skip(tmp_path):
     pytest.importorskip("zarr")
     with pytest.raises(ValueError, match="cannot skip a whole step"):
         xpoptim.OutOfCore.create(tmp_path / "store", opt, {"w": np.ones(4)})
+
+
+def test_multisteps_refuses_a_non_finite_micro_batch_under_raise():
+    """Once in the running sum, a NaN would make every later k-th call raise."""
+    opt = xpoptim.transforms.MultiSteps(xpoptim.SGD(nonfinite="raise", momentum=0.0), every_k=2)
+    params = {"w": np.ones(2)}
+    state = opt.init(params)
+    with pytest.raises(xpoptim.NonFiniteGradientError, match="'w'"):
+        opt.update(params, {"w": np.array([np.nan, 1.0])}, state)
+    np.testing.assert_array_equal(state.accumulated["w"], np.zeros(2))
+    assert state.mini_step == 0
+    for _ in range(2):  # the window goes on with finite micro-batches
+        params, state = opt.update(params, {"w": np.ones(2)}, state)
+    np.testing.assert_allclose(params["w"], np.full(2, 1.0 - 0.01 * (1.0 + 0.001)))

@@ -288,6 +288,13 @@ class Clipped(_Wrapper):
         }
 
 
+def _policy(optimizer: Any) -> str:
+    """The ``nonfinite`` policy of an optimizer, or of the one a wrapper wraps."""
+    while not hasattr(optimizer, "nonfinite") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return str(getattr(optimizer, "nonfinite", "propagate"))
+
+
 class MultiStepsState(NamedTuple):
     """State of [`MultiSteps`][].
 
@@ -360,6 +367,11 @@ class MultiSteps(_Wrapper):
         k = self.every_k
         if isinstance(mini, numbers.Integral):
             if int(mini) + 1 < k:
+                # Under nonfinite="raise" a bad micro-batch is refused now: once in the
+                # sum it would make every later k-th call raise. ("skip" drops the whole
+                # window at the k-th call, and the sum restarts from zero.)
+                if _policy(self.optimizer) == "raise":
+                    _nonfinite.all_finite("raise", grads, xp)
                 # Everything is checked: the running sum (the state's own buffer) may grow
                 # in place.
                 total = {
