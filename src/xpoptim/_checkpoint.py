@@ -21,20 +21,18 @@ file or the new one. See ``docs/state.md``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import numbers
 import os
-import stat
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import IO, Any, NamedTuple
 
 import numpy as np
 
 from . import _state
+from ._atomic import replace_atomically
 from ._compat import Array, Namespace, array_namespace
 from ._compat import device as device_of
 from ._execution import place, to_host
@@ -85,37 +83,6 @@ def _optimizer_types() -> dict[str, type[Optimizer]]:
             found.setdefault(sub.__name__, sub)
             todo.append(sub)
     return found
-
-
-def _write_atomic(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that it is always old or new, never torn."""
-    target = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(target)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX; mkstemp made it 0o600
-                os.fchmod(f.fileno(), mode)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if os.name != "posix":  # Windows cannot open a directory to fsync it
-        return
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save(
@@ -169,7 +136,7 @@ def save(
     def write(f: IO[bytes]) -> None:
         np.savez(f, allow_pickle=False, **arrays)
 
-    _write_atomic(path, write)
+    replace_atomically(path, write)
 
 
 def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
+from ._atomic import is_temporary, replace_atomically
 from ._execution import execution_options
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -148,16 +149,8 @@ def _fsync_tree(root: Path, threads: int) -> None:
 
 def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
     """Replace ``path`` by ``content`` in one atomic step: temp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     data = json.dumps(content, indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    replace_atomically(path, lambda f: f.write(data))
 
 
 def _regular_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
@@ -619,7 +612,7 @@ class OutOfCore:
         for entry in self.directory.iterdir():
             if entry.is_dir() and _VERSION.fullmatch(entry.name) and entry.name != keep:
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(f"{POINTER}.tmp-") or entry.name.endswith(".partial"):
+            elif is_temporary(entry.name, POINTER) or entry.name.endswith(".partial"):
                 # A temporary pointer, or a metadata file Zarr was writing (it writes
                 # ``*.partial`` and renames it) when the process was killed.
                 entry.unlink(missing_ok=True)
