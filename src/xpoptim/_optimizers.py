@@ -342,6 +342,19 @@ class Optimizer:
                 params[key], grads[key] = pair
         return params, grads
 
+    @classmethod
+    def _collect_in_place(cls, layers: Iterable[Any]) -> tuple[dict[str, Array], dict[str, Array]]:
+        """`_collect`, refusing parameters that cannot be updated in place."""
+        params, grads = cls._collect(layers)
+        for name, p in params.items():
+            if not updates_in_place(p):
+                raise TypeError(
+                    f"parameter {name!r} ({type(p).__module__}.{type(p).__name__}) cannot be "
+                    "updated in place, which step(layers) needs; for JAX, Dask or read-only "
+                    "arrays use `params, state = optimizer.update(params, grads, state)`"
+                )
+        return params, grads
+
     def step(self, layers: Iterable[Any]) -> None:
         """Update the parameters of ``layers`` in place (the seed's protocol).
 
@@ -353,14 +366,7 @@ class Optimizer:
             TypeError: a parameter cannot be updated in place (JAX, Dask or read-only
                 arrays); use `update` for those.
         """
-        params, grads = self._collect(layers)
-        for name, p in params.items():
-            if not updates_in_place(p):
-                raise TypeError(
-                    f"parameter {name!r} ({type(p).__module__}.{type(p).__name__}) cannot be "
-                    "updated in place, which step(layers) needs; for JAX, Dask or read-only "
-                    "arrays use `params, state = optimizer.update(params, grads, state)`"
-                )
+        params, grads = self._collect_in_place(layers)
         state = self._state_for(params)
         _, new_state = self.update(params, grads, state)
         self._keep_state(new_state)

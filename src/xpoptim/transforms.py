@@ -175,14 +175,7 @@ class _Wrapper:
             TypeError: a parameter cannot be updated in place (use ``update``).
             ValueError: the parameters differ from those of the first call.
         """
-        params, grads = Optimizer._collect(layers)
-        for name, p in params.items():
-            if not updates_in_place(p):
-                raise TypeError(
-                    f"parameter {name!r} ({type(p).__module__}.{type(p).__name__}) cannot be "
-                    "updated in place, which step(layers) needs; for JAX, Dask or read-only "
-                    "arrays use `params, state = optimizer.update(params, grads, state)`"
-                )
+        params, grads = Optimizer._collect_in_place(layers)
         names = frozenset(params)
         if self._state is None:
             state = self.init(params)
