@@ -543,3 +543,10 @@ def test_a_reduce_on_plateau_schedule_drives_the_steps(tmp_path):
     schedule.observe(2.0)  # no improvement, patience 0: the rate halves to 0.05
     store.step({"w": np.ones(4)}, step=1)
     np.testing.assert_allclose(store.read()[0]["w"], np.full(4, 1.0 - 0.05), rtol=1e-12)
+
+
+def test_create_refuses_a_config_it_cannot_store_before_writing(tmp_path):
+    opt = xpoptim.SGD(learning_rate=lambda count: 0.1)
+    with pytest.raises(TypeError, match="config cannot be stored as JSON"):
+        xpoptim.OutOfCore.create(tmp_path / "s", opt, {"w": np.ones(4)}, chunks=(2,))
+    assert not (tmp_path / "s").exists()

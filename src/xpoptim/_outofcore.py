@@ -252,6 +252,13 @@ class OutOfCore:
                 )
             sources[name] = _as_dask(value, name, chunks, chunk_bytes)
         check.params(sources)  # real floating dtypes, one namespace
+        try:  # the commit pointer stores the config: check it can, before writing anything
+            json.dumps(optimizer.get_config())
+        except TypeError as exc:
+            raise TypeError(
+                f"the optimizer's config cannot be stored as JSON ({exc}): use a number or "
+                "a built-in schedule (xpoptim.schedules) as learning_rate"
+            ) from exc
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()):
             if not overwrite:
