@@ -41,15 +41,19 @@ def replace_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     fsync_directory(directory)
 
 
-def fsync_directory(directory: str | os.PathLike[str]) -> None:
-    """Make the entries of ``directory`` (a rename, a new file) durable; no-op off POSIX."""
-    if os.name != "posix":  # Windows cannot open a directory to fsync it
-        return
-    dir_fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file, or a directory (making its entries durable: a rename, a new file)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """`fsync_path` for a directory; a no-op off POSIX, where directories cannot be opened."""
+    if os.name == "posix":
+        fsync_path(directory)
 
 
 def is_temporary(name: str, target: str) -> bool:

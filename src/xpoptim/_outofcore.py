@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
-from ._atomic import is_temporary, replace_atomically
+from ._atomic import fsync_path, is_temporary, replace_atomically
 from ._execution import execution_options
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -129,14 +129,6 @@ class StepSummary:
 # -- small file-system helpers ------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path, threads: int) -> None:
     """fsync every file and directory under ``root`` (and ``root`` itself)."""
     paths: list[Path] = []
@@ -144,7 +136,7 @@ def _fsync_tree(root: Path, threads: int) -> None:
         paths.extend(Path(dirpath, f) for f in filenames)
         paths.append(Path(dirpath))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        list(pool.map(_fsync_path, paths))
+        list(pool.map(fsync_path, paths))
 
 
 def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
@@ -486,7 +478,7 @@ class OutOfCore:
         _phase("stored")
         flush_start = time.perf_counter()
         _fsync_tree(self.directory / new_version, workers or os.cpu_count() or 1)
-        _fsync_path(self.directory)  # the entry of v{k+1} itself, before the pointer names it
+        fsync_path(self.directory)  # the entry of v{k+1} itself, before the pointer names it
         flush_s = time.perf_counter() - flush_start
         _phase("flushed")
         self._commit(committed + 1, new_version)

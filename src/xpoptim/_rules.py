@@ -82,12 +82,19 @@ def rmsprop(
     Returns:
         ``(p, cache)``.
     """
-    g = penalized_gradient(g, p, l1=l1, l2=l2, xp=xp)
-    cache *= decay_rate
-    cache += (1.0 - decay_rate) * xp.square(g)
-    denom = xp.sqrt(cache)
-    denom += epsilon
-    p -= learning_rate * g / denom
+    p, cache = rmsprop_extended(
+        p,
+        g,
+        cache,
+        learning_rate=learning_rate,
+        decay_rate=decay_rate,
+        epsilon=epsilon,
+        centered=False,
+        momentum=0.0,
+        l1=l1,
+        l2=l2,
+        xp=xp,
+    )
     return p, cache
 
 
