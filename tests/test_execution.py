@@ -1,11 +1,12 @@
-"""The blocked, threaded fast path for NumPy against the plain per-parameter path and the
-float64 reference.
+"""The NumPy fast paths (compiled and blocked) against the plain per-parameter path and
+the float64 reference.
 
-The fast path must give bit-identical results to the plain path (every element goes
+Each fast path must give bit-identical results to the plain path (every element goes
 through the same operations in the same order), for one big parameter split into many
-blocks, many small parameters packed into groups, mixed dtypes, non-contiguous and
-read-only inputs, through ``update`` and ``step(layers)``. Blocks are made small here
-(``block_size=256``) so that small arrays exercise every branch quickly.
+blocks or thread parts, many small parameters packed into groups, mixed dtypes,
+non-contiguous and read-only inputs, through ``update`` and ``step(layers)``. Blocks are
+made small here (``block_size=256``), and so is the size from which the compiled path
+splits a step across threads, so that small arrays exercise every branch quickly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import numpy as np
 import pytest
 
 import xpoptim
-from xpoptim import _execution, _threads
+from xpoptim._execution import blocked
+from xpoptim._execution import threads as pool
+from xpoptim._execution import options as execution
+from xpoptim._execution.compiled import numpy_path
 
 import reference
 from conftest import selected_backends, tolerance, used_fields
@@ -37,7 +41,20 @@ SMALL_BLOCK = 256
 pytestmark = pytest.mark.skipif(
     "numpy" not in selected_backends(), reason="NumPy fast path: tested in the numpy session"
 )
-FAST = {"fast": True, "num_threads": 2, "block_size": SMALL_BLOCK}
+PATHS = {
+    "blocked": {"fast": True, "compile": False, "num_threads": 2, "block_size": SMALL_BLOCK},
+    "compiled": {"fast": True, "num_threads": 2},
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The options of one NumPy fast path (compiled: split across threads from 256
+    elements on, so that small arrays are cut into thread parts too)."""
+    if request.param == "compiled":
+        pytest.importorskip("numba", reason="the compiled path needs numba")
+        monkeypatch.setattr(numpy_path, "PARALLEL_MIN_ELEMENTS", 256)
+    return PATHS[request.param]
 
 
 def opt_id(case: tuple[str, dict[str, Any]]) -> str:
@@ -106,7 +123,9 @@ def copies(arrays: dict[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
 @pytest.mark.parametrize("reg", REGULARIZATIONS, ids=str)
 @pytest.mark.parametrize("layout", ["big", "big-2d", "many-small"])
-def test_fast_path_is_bit_identical_to_plain_and_matches_reference(case, reg, layout, dtype):
+def test_fast_path_is_bit_identical_to_plain_and_matches_reference(
+    fast, case, reg, layout, dtype
+):
     kind, kwargs = case
     config = {**kwargs, "regularization": reg, "weight_decay": 0.05}
     params_np, grads_np = problem(layout)
@@ -114,7 +133,7 @@ def test_fast_path_is_bit_identical_to_plain_and_matches_reference(case, reg, la
     grads_np = [copies(g, dtype) for g in grads_np]
 
     plain = run_update(kind, config, copies(params_np, dtype), grads_np, fast=False)
-    fast = run_update(kind, config, copies(params_np, dtype), grads_np, **FAST)
+    fast = run_update(kind, config, copies(params_np, dtype), grads_np, **fast)
     assert_bit_identical(fast, plain)
 
     want_params, want_state = reference.run(kind, config, params_np, grads_np)
@@ -126,10 +145,10 @@ def test_fast_path_is_bit_identical_to_plain_and_matches_reference(case, reg, la
             np.testing.assert_allclose(got, want, **tolerance(dtype), err_msg=name)
 
 
-def test_fast_path_updates_in_place_and_state_is_flat():
+def test_fast_path_updates_in_place_and_state_is_flat(fast):
     params_np, grads_np = problem("many-small")
     params = copies(params_np, np.float32)
-    with xpoptim.execution_options(**FAST):
+    with xpoptim.execution_options(**fast):
         opt = xpoptim.Adam()
         state = opt.init(params)
         new_params, new_state = opt.update(params, copies(grads_np[0], np.float32), state)
@@ -143,7 +162,7 @@ def test_fast_path_updates_in_place_and_state_is_flat():
 
 
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
-def test_mixed_dtypes_and_foreign_state(case):
+def test_mixed_dtypes_and_foreign_state(fast, case):
     """float32 and float64 parameters in one step, and a state the user replaced in part
     (not side by side in the flat buffer any more): still bit-identical."""
     kind, kwargs = case
@@ -154,7 +173,7 @@ def test_mixed_dtypes_and_foreign_state(case):
         return {k: np.array(v, dtype=dtypes[k]) for k, v in arrays.items()}
 
     results = []
-    for options in ({"fast": False}, FAST):
+    for options in ({"fast": False}, fast):
         with xpoptim.execution_options(**options):
             opt = getattr(xpoptim, kind)(**kwargs)
             params = cast(params_np)
@@ -184,7 +203,7 @@ def non_contiguous(a: np.ndarray, how: str) -> np.ndarray:
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
 @pytest.mark.parametrize("layout", ["fortran", "strided", "transposed", "mixed"])
 @pytest.mark.parametrize("shape", [(37, 61), (3, 700)], ids=["rows", "long-rows"])
-def test_non_contiguous_inputs(case, layout, shape):
+def test_non_contiguous_inputs(fast, case, layout, shape):
     kind, kwargs = case
     rng = np.random.default_rng(1)
     p0 = rng.normal(size=shape).astype(np.float32)
@@ -193,7 +212,7 @@ def test_non_contiguous_inputs(case, layout, shape):
     g_how = "fortran" if layout == "mixed" else layout
 
     results = []
-    for options in ({"fast": False}, FAST):
+    for options in ({"fast": False}, fast):
         params = {"w": non_contiguous(p0, p_how)}
         assert not params["w"].flags.c_contiguous
         steps = [{"w": non_contiguous(g, g_how)} for g in grads]
@@ -205,11 +224,11 @@ def test_non_contiguous_inputs(case, layout, shape):
 
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
 @pytest.mark.parametrize("layout", ["big", "many-small"])
-def test_read_only_inputs_are_never_written(case, layout):
+def test_read_only_inputs_are_never_written(fast, case, layout):
     kind, kwargs = case
     params_np, grads_np = problem(layout)
     results = []
-    for options in ({"fast": False}, FAST):
+    for options in ({"fast": False}, fast):
         params = copies(params_np, np.float64)
         for p in params.values():
             p.flags.writeable = False
@@ -240,7 +259,7 @@ class Layer:
 
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
 @pytest.mark.parametrize("sizes", [[(40, 50)], [(3, 4)] * 30], ids=["big", "many-small"])
-def test_step_layers_fast_equals_plain_and_reference(case, sizes):
+def test_step_layers_fast_equals_plain_and_reference(fast, case, sizes):
     kind, kwargs = case
     rng = np.random.default_rng(2)
     init = [{"weights": rng.normal(size=s), "bias": rng.normal(size=s[1:])} for s in sizes]
@@ -249,7 +268,7 @@ def test_step_layers_fast_equals_plain_and_reference(case, sizes):
         for _ in range(STEPS)
     ]
     finals = []
-    for options in ({"fast": False}, FAST):
+    for options in ({"fast": False}, fast):
         layers = [Layer({k: v.astype(np.float32) for k, v in p.items()}) for p in init]
         with xpoptim.execution_options(**options):
             opt = getattr(xpoptim, kind)(**kwargs)
@@ -330,14 +349,14 @@ def test_peak_extra_memory_is_bounded_by_the_block_size(kind, layout):
 
 
 def test_options_are_checked_and_scoped():
-    before = _execution.current_options()
+    before = execution.current_options()
     with xpoptim.execution_options(num_threads=1, block_size=1024, fast=False) as options:
-        assert options == _execution.ExecutionOptions(False, 1, 1024)
+        assert options == execution.ExecutionOptions(False, 1, 1024)
         assert options.threads() == 1
         with xpoptim.execution_options(block_size=2048) as inner:
             assert inner.num_threads == 1
             assert inner.block_size == 2048
-    assert _execution.current_options() == before
+    assert execution.current_options() == before
     with pytest.raises(ValueError, match="num_threads must be a positive integer"):
         xpoptim.execution_options(num_threads=0).__enter__()
     with pytest.raises(ValueError, match="block_size must be an integer >= 64"):
@@ -347,10 +366,10 @@ def test_options_are_checked_and_scoped():
 
 
 def test_set_execution_options_changes_the_process_default():
-    old = _execution.current_options()
+    old = execution.current_options()
     try:
         assert xpoptim.set_execution_options(block_size=4096).block_size == 4096
-        assert _execution.current_options().block_size == 4096
+        assert execution.current_options().block_size == 4096
     finally:
         xpoptim.set_execution_options(
             fast=old.fast, block_size=old.block_size, num_threads=old.num_threads
@@ -358,20 +377,20 @@ def test_set_execution_options_changes_the_process_default():
 
 
 def test_thread_count_follows_the_environment_and_never_exceeds_the_cpus(monkeypatch):
-    cpus = _threads.available_cpus()
+    cpus = pool.available_cpus()
     monkeypatch.delenv("XPOPTIM_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert _threads.default_num_threads() == cpus
+    assert pool.default_num_threads() == cpus
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert _threads.default_num_threads() == 1
+    assert pool.default_num_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")  # not ours to police: ignored
-    assert _threads.default_num_threads() == cpus
+    assert pool.default_num_threads() == cpus
     monkeypatch.setenv("XPOPTIM_NUM_THREADS", str(cpus + 7))
-    assert _threads.default_num_threads() == cpus
-    assert _execution.ExecutionOptions(num_threads=cpus + 7).threads() == cpus
+    assert pool.default_num_threads() == cpus
+    assert execution.ExecutionOptions(num_threads=cpus + 7).threads() == cpus
     monkeypatch.setenv("XPOPTIM_NUM_THREADS", "0")
     with pytest.raises(ValueError, match="XPOPTIM_NUM_THREADS must be a positive integer"):
-        _threads.default_num_threads()
+        pool.default_num_threads()
 
 
 def test_pool_runs_every_task_once_and_reraises():
@@ -382,24 +401,24 @@ def test_pool_runs_every_task_once_and_reraises():
         with lock:
             seen.append(i)
 
-    _threads.POOL.run([lambda i=i: task(i) for i in range(100)], 2)
+    pool.POOL.run([lambda i=i: task(i) for i in range(100)], 2)
     assert sorted(seen) == list(range(100))
 
     def boom() -> None:
         raise RuntimeError("task failed")
 
     with pytest.raises(RuntimeError, match="task failed"):
-        _threads.POOL.run([boom] * 5, 2)
+        pool.POOL.run([boom] * 5, 2)
 
 
-def test_no_nested_pools_and_concurrent_optimizers_agree():
+def test_no_nested_pools_and_concurrent_optimizers_agree(fast):
     """Optimizers stepped from several threads at once (each may use the pool; pool
     threads never start a nested pool) give the same bits as one after another."""
     params_np, grads_np = problem("big")
 
     def train(out: list[Any]) -> None:
         grads = [copies(g, np.float32) for g in grads_np]
-        out.append(run_update("Adam", {}, copies(params_np, np.float32), grads, **FAST))
+        out.append(run_update("Adam", {}, copies(params_np, np.float32), grads, **fast))
 
     serial: list[Any] = []
     train(serial)
@@ -413,12 +432,12 @@ def test_no_nested_pools_and_concurrent_optimizers_agree():
     for result in concurrent:
         assert_bit_identical(result, serial[0])
     nested: list[bool] = []
-    _threads.POOL.run([lambda: nested.append(_threads.in_pool_thread())] * 4, 2)
+    pool.POOL.run([lambda: nested.append(pool.in_pool_thread())] * 4, 2)
     assert all(nested)
 
 
 def test_thread_tuner_tries_both_then_keeps_the_faster_and_re_explores():
-    tuner = _threads.ThreadTuner(history=3, explore_every=4)
+    tuner = pool.ThreadTuner(history=3, explore_every=4)
     key = ("rule", 20)
     assert tuner.choose(key, 1) == 1  # nothing to choose
     first = tuner.choose(key, 4)
@@ -440,30 +459,35 @@ def test_thread_tuner_tries_both_then_keeps_the_faster_and_re_explores():
     assert tuner.choose(key, 4) == first
 
 
-def test_untuned_and_tuned_steps_give_the_same_bits(monkeypatch):
+def test_untuned_and_tuned_steps_give_the_same_bits(fast, monkeypatch):
     """Left to xpoptim, the thread count is tuned by timing (both counts get tried);
     results do not depend on it."""
     monkeypatch.delenv("XPOPTIM_NUM_THREADS", raising=False)
-    monkeypatch.setattr(_execution, "default_num_threads", lambda: 2)
-    monkeypatch.setattr(_execution, "TUNER", tuner := _threads.ThreadTuner())
+    monkeypatch.setattr(execution, "default_num_threads", lambda: 2)
+    tuner = pool.ThreadTuner()
+    for module in (blocked, numpy_path):
+        monkeypatch.setattr(module, "TUNER", tuner)
     params_np, grads_np = problem("big")
     grads = [copies(g, np.float32) for g in grads_np]
     steps = grads * 2
     plain = run_update("Adam", {}, copies(params_np, np.float32), steps, fast=False)
-    tuned = run_update("Adam", {}, copies(params_np, np.float32), steps, block_size=SMALL_BLOCK)
+    untuned_options = {k: v for k, v in fast.items() if k != "num_threads"}
+    tuned = run_update("Adam", {}, copies(params_np, np.float32), steps, **untuned_options)
     assert_bit_identical(tuned, plain)
     (times,) = tuner._times.values()
     assert set(times) == {1, 2}
     assert sum(len(t) for t in times.values()) == len(steps)
     # A count that someone set is used as it is, never tuned.
-    monkeypatch.setattr(_execution, "TUNER", untouched := _threads.ThreadTuner())
-    run_update("Adam", {}, copies(params_np, np.float32), grads, **FAST)
+    untouched = pool.ThreadTuner()
+    for module in (blocked, numpy_path):
+        monkeypatch.setattr(module, "TUNER", untouched)
+    run_update("Adam", {}, copies(params_np, np.float32), grads, **fast)
     monkeypatch.setenv("XPOPTIM_NUM_THREADS", "2")
-    run_update("Adam", {}, copies(params_np, np.float32), grads, block_size=SMALL_BLOCK)
+    run_update("Adam", {}, copies(params_np, np.float32), grads, **untuned_options)
     assert not untouched._times
 
 
-def test_state_after_a_pickle_round_trip_steps_on_bit_identically():
+def test_state_after_a_pickle_round_trip_steps_on_bit_identically(fast):
     """A state restored from a checkpoint is no longer one flat buffer: the fast path
     gathers it instead, with the same bits."""
     import pickle
@@ -471,7 +495,7 @@ def test_state_after_a_pickle_round_trip_steps_on_bit_identically():
     params_np, grads_np = problem("many-small")
     grads = [copies(g, np.float32) for g in grads_np]
     results = []
-    for options in ({"fast": False}, FAST):
+    for options in ({"fast": False}, fast):
         with xpoptim.execution_options(**options):
             opt = xpoptim.Adam(learning_rate=0.01)
             params = copies(params_np, np.float32)
@@ -491,7 +515,6 @@ def _rebinding_rule(p, g, buf, *, xp):
     return p, buf
 
 
-@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("layout", ["big", "many-small"])
 def test_results_a_rule_rebinds_are_written_back_in_place(fast, layout):
     from xpoptim._execution import run_rule
@@ -501,8 +524,7 @@ def test_results_a_rule_rebinds_are_written_back_in_place(fast, layout):
     buffers = {k: np.full_like(v, 0.25) for k, v in params.items()}
     grads = copies(grads_np[0], np.float64)
     xp = array_api_compat.array_namespace(*params.values())
-    options = FAST if fast else {"fast": False}
-    with xpoptim.execution_options(**options):
+    with xpoptim.execution_options(**fast):
         new_params, (new_buffers,) = run_rule(
             _rebinding_rule, params, grads, [buffers], shared={}, per_param=lambda name: {}, xp=xp
         )

@@ -16,7 +16,9 @@ from ._checkpoint import Checkpoint, CheckpointError, load, save
 from ._execution import (
     ExecutionOptions,
     LazyGraphWarning,
+    StepPath,
     execution_options,
+    explain,
     persist,
     set_execution_options,
 )
@@ -53,10 +55,12 @@ __all__ = [
     "RMSpropState",
     "SGDState",
     "StateDictError",
+    "StepPath",
     "StepSummary",
     "StoreError",
     "__version__",
     "execution_options",
+    "explain",
     "load",
     "persist",
     "save",

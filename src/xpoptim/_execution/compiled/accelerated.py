@@ -1,0 +1,152 @@
+"""The compiled path for one parameter held by Dask (NumPy chunks) or CuPy.
+
+* **Dask** -- one task per chunk runs the rule's numba kernel (``out_of_place``: Dask
+  chunks may be shared, so they are never written) and returns every result; each
+  result array takes its item from that task. Nothing is computed here, and the results
+  keep the parameter's chunks. The task carries the rule and its scalars, not the
+  kernel: a ``dask.distributed`` worker builds (or loads from its disk cache) its own.
+* **CuPy** -- one ``cupy.ElementwiseKernel`` launch generated from the same trace
+  (`cuda_emit`), updating the parameter and buffers in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..._compat import Array, is_cupy_array, is_dask_array
+from .cuda_emit import NVRTC_OPTIONS, cuda_source
+from .kernels import numba_kernel, python_numbers
+from .trace import Untraceable, trace
+
+
+def step(
+    rule: Callable[..., Any],
+    updated: tuple[Array, ...],
+    gradient: Array,
+    scalars: Mapping[str, Any],
+) -> tuple[Array, ...] | str:
+    """The rule's results for one parameter through a compiled kernel, or why not."""
+    arrays = (updated[0], gradient, *updated[1:])
+    if all(is_dask_array(a) for a in arrays):
+        return _dask_step(rule, arrays, scalars)
+    if all(is_cupy_array(a) for a in arrays):
+        return _cupy_step(rule, arrays, scalars)
+    kinds = sorted({f"{type(a).__module__}.{type(a).__name__}" for a in arrays})
+    return f"no compiled path for {', '.join(kinds)} (NumPy, Dask and CuPy have one)"
+
+
+def _dask_step(
+    rule: Callable[..., Any], arrays: tuple[Array, ...], scalars: Mapping[str, Any]
+) -> tuple[Array, ...] | str:
+    import dask.array as da
+    from dask.base import tokenize
+
+    p = arrays[0]
+    if not all(type(getattr(a, "_meta", None)) is np.ndarray for a in arrays):
+        return "Dask arrays whose chunks are not NumPy arrays"
+    if len({a.shape for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
+        return "arrays of different shapes or dtypes"
+    kernel = numba_kernel(rule, len(arrays), p.dtype, scalars)
+    if isinstance(kernel, str):
+        return kernel
+    index = tuple(range(p.ndim))
+    meta = np.empty((0,) * p.ndim, dtype=p.dtype)
+    pairs = [part for a in arrays for part in (a, index)]
+    results = da.blockwise(
+        _chunk_step,
+        index,
+        *pairs,
+        rule=rule,
+        scalars=dict(scalars),
+        dtype=p.dtype,
+        meta=meta,
+        # A key of its own per step: the same name for two steps would merge their graphs.
+        name=f"xpoptim-{getattr(rule, '__name__', 'rule')}-{tokenize(rule, scalars, *arrays)}",
+    )
+    return tuple(
+        results.map_blocks(operator.getitem, k, dtype=p.dtype, meta=meta)
+        for k in range(len(arrays) - 1)
+    )
+
+
+def _chunk_step(
+    *blocks: np.ndarray, rule: Callable[..., Any], scalars: Mapping[str, Any]
+) -> tuple[np.ndarray, ...]:
+    """One Dask task: the rule's results for one chunk of each array (inputs untouched)."""
+    from .numba_support import addresses
+
+    blocks = tuple(np.ascontiguousarray(b) for b in blocks)
+    p = blocks[0]
+    outputs = tuple(np.empty_like(p) for _ in blocks[1:])
+    if p.size == 0:
+        return outputs
+    kernel = numba_kernel(rule, len(blocks), p.dtype, scalars)
+    if isinstance(kernel, str):  # the caller checked; a worker without numba lands here
+        raise RuntimeError(f"xpoptim: no kernel on this worker: {kernel}")
+    row, _ = addresses([*blocks, *outputs])
+    table = np.array([row], dtype=np.intp)
+    kernel.out_of_place(table, np.array([p.size], dtype=np.intp), *kernel.arguments(scalars))
+    return outputs
+
+
+_CUPY_KERNELS: dict[Any, Any] = {}
+_CUPY_LOCK = threading.Lock()
+
+
+def _cupy_step(
+    rule: Callable[..., Any], arrays: tuple[Array, ...], scalars: Mapping[str, Any]
+) -> tuple[Array, ...] | str:
+    p = arrays[0]
+    if len({a.dtype for a in arrays}) != 1 or p.dtype.kind != "f":
+        return "arrays of different or non-floating dtypes"
+    reason = python_numbers(scalars)
+    if reason is not None:
+        return reason
+    found = _cupy_kernel(rule, len(arrays), scalars)
+    if isinstance(found, str):
+        return found
+    graph, kernel = found
+    cast = p.dtype.type
+    arguments = [cast(value) for value in graph.kernel_arguments(scalars)]
+    g, written = arrays[1], (arrays[0], *arrays[2:])
+    kernel(g, *arguments, *written)
+    return written
+
+
+def _cupy_kernel(
+    rule: Callable[..., Any], roles: int, scalars: Mapping[str, Any]
+) -> tuple[Any, Any] | str:
+    key = (rule, roles, tuple((k, type(v), bool(v)) for k, v in scalars.items()))
+    found = _CUPY_KERNELS.get(key)
+    if found is None:
+        with _CUPY_LOCK:
+            try:
+                graph = trace(rule, roles, scalars)
+            except Untraceable as exc:
+                found = f"the rule {getattr(rule, '__name__', rule)!r} cannot be compiled: {exc}"
+            else:
+                found = (graph, _elementwise_kernel(graph))
+            _CUPY_KERNELS[key] = found
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _elementwise_kernel_for(in_params: str, out_params: str, operation: str, name: str) -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        in_params, out_params, operation, name, options=NVRTC_OPTIONS
+    )
+
+
+def _elementwise_kernel(graph: Any) -> Any:
+    source = cuda_source(graph)
+    return _elementwise_kernel_for(
+        source.in_params, source.out_params, source.operation, source.name
+    )
