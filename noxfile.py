@@ -57,6 +57,14 @@ def tests(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
+def tests_without_numba(session: nox.Session) -> None:
+    """The NumPy tests with numba uninstalled: xpoptim imports and steps on the blocked path."""
+    session.install(*TEST_DEPS, ".")
+    session.run("python", "-m", "pip", "uninstall", "--yes", "numba", "llvmlite")
+    session.run("pytest", *session.posargs, env={"XPOPTIM_BACKENDS": "numpy"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) and mypy --strict on the package."""
     session.install(*LINT_DEPS, ".")

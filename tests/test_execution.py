@@ -21,8 +21,8 @@ import pytest
 
 import xpoptim
 from xpoptim._execution import blocked
-from xpoptim._execution import threads as pool
 from xpoptim._execution import options as execution
+from xpoptim._execution import threads as pool
 from xpoptim._execution.compiled import numpy_path
 
 import reference
@@ -123,9 +123,7 @@ def copies(arrays: dict[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=opt_id)
 @pytest.mark.parametrize("reg", REGULARIZATIONS, ids=str)
 @pytest.mark.parametrize("layout", ["big", "big-2d", "many-small"])
-def test_fast_path_is_bit_identical_to_plain_and_matches_reference(
-    fast, case, reg, layout, dtype
-):
+def test_fast_path_is_bit_identical_to_plain_and_matches_reference(fast, case, reg, layout, dtype):
     kind, kwargs = case
     config = {**kwargs, "regularization": reg, "weight_decay": 0.05}
     params_np, grads_np = problem(layout)

@@ -210,4 +210,3 @@ def _group_task(
         for a in arrays:
             np.copyto(a, span[offset : offset + a.size].reshape(a.shape))
             offset += a.size
-

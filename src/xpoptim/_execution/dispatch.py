@@ -5,11 +5,13 @@ For each parameter, the first path that applies:
 1. **compiled** -- one fused kernel generated from the rule (`xpoptim._execution.compiled`):
    plain NumPy arrays (many parameters per kernel call, threads for large steps), Dask
    arrays of NumPy chunks (one task per chunk, lazily) and CuPy arrays (one CUDA launch).
-2. **blocked** -- plain NumPy arrays the compiler does not take (numba missing, a rule it
-   cannot trace, mixed memory layouts): the rule over cache-sized blocks
-   (`xpoptim._execution.blocked`).
-3. **plain** -- everything else, and everything under ``execution_options(fast=False)``:
-   the rule once per whole array (`xpoptim._execution.plain`).
+2. **blocked** -- plain NumPy arrays the compiler does not take (numba missing,
+   ``compile=False``, mixed memory layouts, NumPy-scalar hyperparameters): the rule over
+   cache-sized blocks (`xpoptim._execution.blocked`).
+3. **plain** -- everything else, a rule the tracer cannot follow (it may not be
+   elementwise: a reduction must see the whole array), and everything under
+   ``execution_options(fast=False)``: the rule once per whole array
+   (`xpoptim._execution.plain`).
 
 All three give the same bits. `explain` says which path each parameter took the last
 time it was stepped in this thread, and why it did not take a faster one.
@@ -28,6 +30,7 @@ from .._compat import Array, Namespace
 from . import blocked
 from .blocked import Item
 from .compiled import accelerated, numpy_path
+from .compiled.kernels import NoKernel
 from .options import ExecutionOptions, current_options
 from .plain import apply_rule
 
@@ -159,20 +162,26 @@ def _run_numpy(
     options: ExecutionOptions,
     xp: Namespace,
 ) -> None:
-    """Step NumPy ``items`` in place: compiled where possible, blocked for the rest."""
-    rest: Sequence[Item] = items
-    reasons: dict[int, str] = {}
-    if options.compile:
-        rest, reasons = numpy_path.run(rule, items, shared, options)
-        taken = [item.name for position, item in enumerate(items) if position not in reasons]
-        _record(taken, _COMPILED)
+    """Step NumPy ``items`` in place: compiled where possible, then blocked, then plain."""
+    if not options.compile:
+        blocked.run(rule, items, shared, options, xp)
+        _record([item.name for item in items], StepPath("blocked", "compile=False"))
+        return
+    reasons = numpy_path.run(rule, items, shared, options)
+    _record([item.name for i, item in enumerate(items) if i not in reasons], _COMPILED)
+    rest = []
+    for position, refusal in reasons.items():
+        item = items[position]
+        if refusal.untraceable:
+            scalars = {**shared, **item.scalars}
+            p, *buffers = item.arrays
+            apply_rule(rule, (p, *buffers), item.gradient, xp=xp, **scalars)
+            _record([item.name], StepPath("plain", refusal.reason))
+        else:
+            rest.append(item)
+            _record([item.name], StepPath("blocked", refusal.reason))
     if rest:
         blocked.run(rule, rest, shared, options, xp)
-        if options.compile:
-            for position, reason in reasons.items():
-                _record([items[position].name], StepPath("blocked", reason))
-        else:
-            _record([item.name for item in rest], StepPath("blocked", "compile=False"))
 
 
 def _run_other(
@@ -192,9 +201,9 @@ def _run_other(
         reason = "compile=False"
     else:
         outcome = accelerated.step(rule, updated, gradient, scalars)
-        if not isinstance(outcome, str):
+        if not isinstance(outcome, NoKernel):
             _record([name], _COMPILED)
             return outcome
-        reason = outcome
+        reason = outcome.reason
     _record([name], StepPath("plain", reason))
     return apply_rule(rule, updated, gradient, xp=xp, **scalars)

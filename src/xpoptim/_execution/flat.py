@@ -17,7 +17,6 @@ import numpy as np
 from .._compat import Array, Namespace
 from .options import current_options
 
-
 #: id(view) -> (weak reference to the view, its flat base, its offset in the base), for
 #: the state views made by `zeros_state`. A group of small parameters whose state
 #: views lie side by side in one base is updated through one view of the base, no copy.
@@ -125,5 +124,3 @@ def relayout_state(
         for name, b in new.items():
             np.copyto(b, old[name])
     return layout
-
-

@@ -8,7 +8,6 @@ from typing import Any
 
 from .._compat import Array, is_lazy_array
 
-
 # -- lazy (Dask) graphs: one step, then commit ---------------------------------------------
 
 #: A lazy parameter whose graph has more layers than this makes ``update`` warn: 30 to 40
@@ -84,5 +83,3 @@ def _leaves(tree: Any) -> Iterator[Any]:
             yield from _leaves(value)
     else:
         yield tree
-
-

@@ -13,7 +13,6 @@ import numpy as np
 
 from .threads import ENV_VAR, available_cpus, default_num_threads
 
-
 #: Bytes per block and array by default (65536 float32 or 32768 float64 elements). A
 #: block of Adam's working set (p, g, m, v and the rule's few live temporaries) then stays
 #: in the L2/L3 caches, so memory is streamed once per step; each of the rule's ~13 NumPy
@@ -148,9 +147,5 @@ def set_execution_options(
 ) -> ExecutionOptions:
     """Change the process-wide defaults of `execution_options`; return them."""
     global _GLOBAL_OPTIONS
-    _GLOBAL_OPTIONS = _updated_options(
-        _GLOBAL_OPTIONS, fast, num_threads, block_size, compile
-    )
+    _GLOBAL_OPTIONS = _updated_options(_GLOBAL_OPTIONS, fast, num_threads, block_size, compile)
     return _GLOBAL_OPTIONS
-
-

@@ -117,5 +117,3 @@ def scalars_like(scalars: dict[str, Any], p: Array, xp: Namespace) -> dict[str, 
 def values_readable(x: Array) -> bool:
     """Whether ``bool(x)``/``int(x)`` on ``x`` is cheap and possible (not lazy, not traced)."""
     return not bool(is_lazy_array(x))
-
-

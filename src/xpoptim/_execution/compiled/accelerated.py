@@ -21,7 +21,7 @@ import numpy as np
 
 from ..._compat import Array, is_cupy_array, is_dask_array
 from .cuda_emit import NVRTC_OPTIONS, cuda_source
-from .kernels import numba_kernel, python_numbers
+from .kernels import NoKernel, numba_kernel, python_numbers, untraceable
 from .trace import Untraceable, trace
 
 
@@ -30,7 +30,7 @@ def step(
     updated: tuple[Array, ...],
     gradient: Array,
     scalars: Mapping[str, Any],
-) -> tuple[Array, ...] | str:
+) -> tuple[Array, ...] | NoKernel:
     """The rule's results for one parameter through a compiled kernel, or why not."""
     arrays = (updated[0], gradient, *updated[1:])
     if all(is_dask_array(a) for a in arrays):
@@ -38,27 +38,27 @@ def step(
     if all(is_cupy_array(a) for a in arrays):
         return _cupy_step(rule, arrays, scalars)
     kinds = sorted({f"{type(a).__module__}.{type(a).__name__}" for a in arrays})
-    return f"no compiled path for {', '.join(kinds)} (NumPy, Dask and CuPy have one)"
+    return NoKernel(f"no compiled path for {', '.join(kinds)} (NumPy, Dask and CuPy have one)")
 
 
 def _dask_step(
     rule: Callable[..., Any], arrays: tuple[Array, ...], scalars: Mapping[str, Any]
-) -> tuple[Array, ...] | str:
+) -> tuple[Array, ...] | NoKernel:
     import dask.array as da
     from dask.base import tokenize
 
     p = arrays[0]
     if not all(type(getattr(a, "_meta", None)) is np.ndarray for a in arrays):
-        return "Dask arrays whose chunks are not NumPy arrays"
+        return NoKernel("Dask arrays whose chunks are not NumPy arrays")
     if len({a.shape for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
-        return "arrays of different shapes or dtypes"
+        return NoKernel("arrays of different shapes or dtypes")
     kernel = numba_kernel(rule, len(arrays), p.dtype, scalars)
-    if isinstance(kernel, str):
+    if isinstance(kernel, NoKernel):
         return kernel
     index = tuple(range(p.ndim))
     meta = np.empty((0,) * p.ndim, dtype=p.dtype)
     pairs = [part for a in arrays for part in (a, index)]
-    results = da.blockwise(
+    results = da.blockwise(  # type: ignore[no-untyped-call]
         _chunk_step,
         index,
         *pairs,
@@ -81,14 +81,14 @@ def _chunk_step(
     """One Dask task: the rule's results for one chunk of each array (inputs untouched)."""
     from .numba_support import addresses
 
-    blocks = tuple(np.ascontiguousarray(b) for b in blocks)
+    blocks = tuple(np.asarray(b, order="C") for b in blocks)  # keeps 0-d chunks 0-d
     p = blocks[0]
     outputs = tuple(np.empty_like(p) for _ in blocks[1:])
     if p.size == 0:
         return outputs
     kernel = numba_kernel(rule, len(blocks), p.dtype, scalars)
-    if isinstance(kernel, str):  # the caller checked; a worker without numba lands here
-        raise RuntimeError(f"xpoptim: no kernel on this worker: {kernel}")
+    if isinstance(kernel, NoKernel):  # the caller checked; a worker without numba lands here
+        raise RuntimeError(f"xpoptim: no kernel on this worker: {kernel.reason}")
     row, _ = addresses([*blocks, *outputs])
     table = np.array([row], dtype=np.intp)
     kernel.out_of_place(table, np.array([p.size], dtype=np.intp), *kernel.arguments(scalars))
@@ -101,15 +101,15 @@ _CUPY_LOCK = threading.Lock()
 
 def _cupy_step(
     rule: Callable[..., Any], arrays: tuple[Array, ...], scalars: Mapping[str, Any]
-) -> tuple[Array, ...] | str:
+) -> tuple[Array, ...] | NoKernel:
     p = arrays[0]
     if len({a.dtype for a in arrays}) != 1 or p.dtype.kind != "f":
-        return "arrays of different or non-floating dtypes"
+        return NoKernel("arrays of different or non-floating dtypes")
     reason = python_numbers(scalars)
     if reason is not None:
         return reason
     found = _cupy_kernel(rule, len(arrays), scalars)
-    if isinstance(found, str):
+    if isinstance(found, NoKernel):
         return found
     graph, kernel = found
     cast = p.dtype.type
@@ -121,7 +121,7 @@ def _cupy_step(
 
 def _cupy_kernel(
     rule: Callable[..., Any], roles: int, scalars: Mapping[str, Any]
-) -> tuple[Any, Any] | str:
+) -> tuple[Any, Any] | NoKernel:
     key = (rule, roles, tuple((k, type(v), bool(v)) for k, v in scalars.items()))
     found = _CUPY_KERNELS.get(key)
     if found is None:
@@ -129,20 +129,18 @@ def _cupy_kernel(
             try:
                 graph = trace(rule, roles, scalars)
             except Untraceable as exc:
-                found = f"the rule {getattr(rule, '__name__', rule)!r} cannot be compiled: {exc}"
+                found = untraceable(rule, exc)
             else:
                 found = (graph, _elementwise_kernel(graph))
             _CUPY_KERNELS[key] = found
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _elementwise_kernel_for(in_params: str, out_params: str, operation: str, name: str) -> Any:
     import cupy
 
-    return cupy.ElementwiseKernel(
-        in_params, out_params, operation, name, options=NVRTC_OPTIONS
-    )
+    return cupy.ElementwiseKernel(in_params, out_params, operation, name, options=NVRTC_OPTIONS)
 
 
 def _elementwise_kernel(graph: Any) -> Any:

@@ -41,20 +41,22 @@ def _expression(op: str, a: list[str]) -> str:
         return f"T({a[0]} {_BINARY[op]} {a[1]})"
     if op in _COMPARE:
         return f"({a[0]} {_COMPARE[op]} {a[1]})"
-    forms = {
-        "neg": f"T(-{a[0]})",
-        "abs": f"T(fabs({a[0]}))",
-        "sqrt": f"T(sqrt({a[0]}))",
-        "square": f"T({a[0]} * {a[0]})",
-        "sign": f"T({a[0]} > T(0) ? T(1) : ({a[0]} < T(0) ? T(-1) : ({a[0]} == T(0) ? T(0) : {a[0]})))",
-        "maximum": f"T(isnan({a[0]}) ? {a[0]} : (isnan({a[1]}) ? {a[1]} : max({a[0]}, {a[1]})))",
-        "minimum": f"T(isnan({a[0]}) ? {a[0]} : (isnan({a[1]}) ? {a[1]} : min({a[0]}, {a[1]})))",
-    }
     if op == "where":
         return f"({a[0]} ? {a[1]} : {a[2]})"
-    if op not in forms:
+    if op in ("maximum", "minimum"):
+        pick = "max" if op == "maximum" else "min"
+        return f"T(isnan({a[0]}) ? {a[0]} : (isnan({a[1]}) ? {a[1]} : {pick}({a[0]}, {a[1]})))"
+    x = a[0]
+    unary = {
+        "neg": f"T(-{x})",
+        "abs": f"T(fabs({x}))",
+        "sqrt": f"T(sqrt({x}))",
+        "square": f"T({x} * {x})",
+        "sign": f"T({x} > T(0) ? T(1) : ({x} < T(0) ? T(-1) : ({x} == T(0) ? T(0) : {x})))",
+    }
+    if op not in unary:
         raise ValueError(f"no CUDA form for {op!r}")
-    return forms[op]
+    return unary[op]
 
 
 def cuda_source(graph: Graph) -> ElementwiseSource:

@@ -12,8 +12,11 @@ The cache directory is ``XPOPTIM_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/xpop
 (``~/.cache/xpoptim``); where it cannot be written, a private temporary directory (no
 reuse across processes).
 
-A rule that cannot be compiled gives its reason (a string) instead of a kernel, cached
-too, and logged once at DEBUG level on the ``xpoptim`` logger.
+Where there is no kernel, `NoKernel` says why (cached too, and logged once at DEBUG
+level on the ``xpoptim`` logger), and whether the rule itself is the reason: a rule the
+tracer cannot follow may not be elementwise (a reduction, a matmul), so it must run on
+whole arrays (the plain path), while an elementwise rule without a kernel (no numba,
+NumPy-scalar hyperparameters) may still run blocked.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from .ir import GuardFailed, Graph
+from .ir import Graph, GuardFailed
 from .numba_emit import EMITTER_VERSION, numba_source
 from .trace import Untraceable, trace
 
 LOG = logging.getLogger("xpoptim")
 
+numba: Any
 try:  # numba is a dependency of the default install; xpoptim runs without it
     import numba
 
@@ -81,12 +85,25 @@ class Kernel:
         return [cast(value) for value in self.graph.kernel_arguments(scalars)]
 
 
-_KERNELS: dict[Hashable, list[Kernel] | str] = {}
+@dataclasses.dataclass(frozen=True)
+class NoKernel:
+    """Why a rule has no compiled kernel.
+
+    Attributes:
+        reason: what stood in the way, for `xpoptim.explain`.
+        untraceable: the rule itself could not be traced (it may not be elementwise).
+    """
+
+    reason: str
+    untraceable: bool = False
+
+
+_KERNELS: dict[Hashable, list[Kernel] | NoKernel] = {}
 _LOCK = threading.RLock()
 _DIRECTORY: Path | None = None
 
 
-def python_numbers(scalars: Mapping[str, Any]) -> str | None:
+def python_numbers(scalars: Mapping[str, Any]) -> NoKernel | None:
     """Why ``scalars`` cannot be kernel arguments, or None if they can.
 
     Only Python's own ``bool``, ``int`` and ``float``: NumPy scalars (``np.float64``
@@ -95,7 +112,7 @@ def python_numbers(scalars: Mapping[str, Any]) -> str | None:
     """
     for name, value in scalars.items():
         if type(value) not in (bool, int, float):
-            return (
+            return NoKernel(
                 f"hyperparameter {name!r} is a {type(value).__module__}.{type(value).__name__}, "
                 "not a Python number (a traced or lazily selected step counter)"
             )
@@ -135,7 +152,7 @@ def _signature_key(
 
 def numba_kernel(
     rule: Callable[..., Any], roles: int, dtype: Any, scalars: Mapping[str, Any]
-) -> Kernel | str:
+) -> Kernel | NoKernel:
     """The numba kernel of ``rule`` for arrays of ``dtype``, or why there is none.
 
     Args:
@@ -145,15 +162,15 @@ def numba_kernel(
         scalars: the hyperparameters of this call, Python numbers.
     """
     if NUMBA_MISSING is not None:
-        return NUMBA_MISSING
+        return NoKernel(NUMBA_MISSING)
     if np.dtype(dtype).kind != "f":
-        return f"dtype {np.dtype(dtype)} (kernels are compiled for floating dtypes)"
+        return NoKernel(f"dtype {np.dtype(dtype)} (kernels are compiled for floating dtypes)")
     reason = python_numbers(scalars)
     if reason is not None:
         return reason
     key = _signature_key(rule, roles, dtype, scalars)
     found = _KERNELS.get(key)
-    if isinstance(found, str):
+    if isinstance(found, NoKernel):
         return found
     for kernel in found or ():
         try:
@@ -165,14 +182,20 @@ def numba_kernel(
         try:
             graph = trace(rule, roles, scalars)
         except Untraceable as exc:
-            reason = f"the rule {getattr(rule, '__name__', rule)!r} cannot be compiled: {exc}"
-            LOG.debug("xpoptim: %s; it runs on the blocked or plain path", reason)
-            _KERNELS[key] = reason
-            return reason
+            refusal = untraceable(rule, exc)
+            LOG.debug("xpoptim: %s; it runs on the plain path", refusal.reason)
+            _KERNELS[key] = refusal
+            return refusal
         kernel = _build(graph, np.dtype(dtype))
         existing = _KERNELS.get(key)
         _KERNELS[key] = [*(existing if isinstance(existing, list) else []), kernel]
         return kernel
+
+
+def untraceable(rule: Callable[..., Any], exc: Untraceable) -> NoKernel:
+    """The refusal for a rule the tracer could not follow."""
+    name = getattr(rule, "__name__", repr(rule))
+    return NoKernel(f"the rule {name!r} cannot be compiled: {exc}", untraceable=True)
 
 
 def _build(graph: Graph, dtype: np.dtype[Any]) -> Kernel:
@@ -188,7 +211,8 @@ def _build(graph: Graph, dtype: np.dtype[Any]) -> Kernel:
     module = sys.modules.get(name)
     if module is None:
         spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
+        assert spec is not None
+        assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[name] = module

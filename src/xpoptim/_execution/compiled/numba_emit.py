@@ -114,8 +114,10 @@ def numba_source(graph: Graph, dtype: str) -> str:
         lines, name = _body(graph, "            ")
         out += lines
         for role, node in zip(written, graph.outputs, strict=True):
-            if variant == "in_place" and graph.nodes[node].op == "input" and (
-                graph.nodes[node].value == role
+            if (
+                variant == "in_place"
+                and graph.nodes[node].op == "input"
+                and (graph.nodes[node].value == role)
             ):
                 continue  # the rule returned this array unchanged
             out.append(f"            {targets[role]}[i] = {name[node]}")

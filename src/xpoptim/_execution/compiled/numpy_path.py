@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 import weakref
@@ -33,7 +34,9 @@ from ..blocked import Item
 from ..flat import group_key
 from ..options import ExecutionOptions
 from ..threads import POOL, TUNER, in_pool_thread
-from .kernels import Kernel, numba_kernel
+from .kernels import Kernel, NoKernel, numba_kernel
+
+_STRIDED = NoKernel("parameter, gradient and state do not share one contiguous memory layout")
 
 #: Below this many elements a step runs in the calling thread: starting threads would
 #: cost more than they save (measured: about 20 us per handover).
@@ -45,32 +48,30 @@ def run(
     items: Sequence[Item],
     shared: Mapping[str, Any],
     options: ExecutionOptions,
-) -> tuple[list[Item], dict[int, str]]:
+) -> dict[int, NoKernel]:
     """Step ``items`` through compiled kernels, in place.
 
     Returns:
-        The items not stepped, and for each (by position in ``items``) why.
+        For each item not stepped (by position in ``items``), why.
     """
     groups: dict[Hashable, list[int]] = {}
     for position, item in enumerate(items):
         groups.setdefault(group_key(item.arrays[0].dtype, item.scalars), []).append(position)
-    reasons: dict[int, str] = {}
+    reasons: dict[int, NoKernel] = {}
     for positions in groups.values():
         first = items[positions[0]]
         scalars = {**shared, **first.scalars}
         roles = len(first.arrays) + 1
         kernel = numba_kernel(rule, roles, first.arrays[0].dtype, scalars)
-        if isinstance(kernel, str):
+        if isinstance(kernel, NoKernel):
             reasons.update(dict.fromkeys(positions, kernel))
             continue
         table, sizes, strided = _table(rule, [items[p] for p in positions], roles)
         for index in strided:
-            reasons[positions[index]] = (
-                "parameter, gradient and state do not share one contiguous memory layout"
-            )
+            reasons[positions[index]] = _STRIDED
         if len(sizes):
             _launch(kernel, rule, table, sizes, kernel.arguments(scalars), options)
-    return [items[p] for p in sorted(reasons)], reasons
+    return reasons
 
 
 @dataclasses.dataclass
@@ -134,10 +135,14 @@ def _table(
 def _plan(items: Sequence[Item], roles: int) -> _Plan:
     from .numba_support import address_and_layout
 
-    refs, layouts, rows, table_rows, sizes = [], [], [], [], []
+    refs: list[list[weakref.ref[np.ndarray]]] = []
+    layouts: list[int] = []
+    rows: list[int] = []
+    table_rows: list[list[int]] = []
+    sizes: list[int] = []
     for item in items:
         refs.append([weakref.ref(a) for a in item.arrays])
-        p, *buffers = item.arrays
+        p = item.arrays[0]
         common = 3
         row = [0] * roles
         for role, a in zip((0, *range(2, roles)), item.arrays, strict=True):
@@ -177,9 +182,8 @@ def _launch(
     parts = TUNER.choose(key, threads) if options.tuned() else threads
     pieces = partition(table, sizes, parts, kernel.dtype.itemsize)
     start = time.perf_counter()
-    POOL.run(
-        [lambda t=t, s=s: kernel.in_place(t, s, *arguments) for t, s in pieces], len(pieces)
-    )
+    tasks = [functools.partial(kernel.in_place, t, s, *arguments) for t, s in pieces]
+    POOL.run(tasks, len(tasks))
     if options.tuned():
         TUNER.record(key, parts, (time.perf_counter() - start) / total)
 

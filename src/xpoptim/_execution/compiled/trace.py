@@ -85,8 +85,7 @@ def _apply(recorder: _Recorder, op: str, *operands: Any) -> Any:
 
 #: Array operations with a scalar form (replayed in Python, see `ir.SCALAR_OPS`).
 _SCALAR_FORMS = {
-    op: op
-    for op in ("add", "sub", "mul", "div", "neg", "abs", "gt", "ge", "lt", "le", "eq", "ne")
+    op: op for op in ("add", "sub", "mul", "div", "neg", "abs", "gt", "ge", "lt", "le", "eq", "ne")
 }
 
 
@@ -123,8 +122,8 @@ class SymbolicArray(_Symbol):
     __ge__ = _binary("ge")
     __lt__ = _binary("lt")
     __le__ = _binary("le")
-    __eq__ = _binary("eq")  # type: ignore[assignment]
-    __ne__ = _binary("ne")  # type: ignore[assignment]
+    __eq__ = _binary("eq")
+    __ne__ = _binary("ne")
 
     def __neg__(self) -> Any:
         return _apply(self.recorder, "neg", self)
@@ -185,8 +184,8 @@ class SymbolicScalar(_Symbol):
     __ge__ = _binary("ge")
     __lt__ = _binary("lt")
     __le__ = _binary("le")
-    __eq__ = _binary("eq")  # type: ignore[assignment]
-    __ne__ = _binary("ne")  # type: ignore[assignment]
+    __eq__ = _binary("eq")
+    __ne__ = _binary("ne")
 
     def __pow__(self, exponent: Any) -> Any:
         if isinstance(exponent, SymbolicArray):
@@ -306,4 +305,3 @@ def trace(rule: Callable[..., Any], roles: int, scalars: Mapping[str, Any]) -> G
         outputs=tuple(outputs),
         guards=tuple(dict.fromkeys(recorder.guards)),
     )
-
