@@ -112,8 +112,7 @@ def _cupy_step(
     if isinstance(found, NoKernel):
         return found
     graph, kernel = found
-    cast = p.dtype.type
-    arguments = [cast(value) for value in graph.kernel_arguments(scalars)]
+    arguments = graph.kernel_arguments(scalars, p.dtype.type)
     g, written = arrays[1], (arrays[0], *arrays[2:])
     kernel(g, *arguments, *written)
     return written

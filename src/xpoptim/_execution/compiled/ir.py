@@ -23,6 +23,7 @@ and is valid only for hyperparameters with the same truth values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import operator
 from collections.abc import Callable, Mapping
@@ -92,6 +93,10 @@ class Node:
     value: Any = None
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 class GuardFailed(Exception):
     """Hyperparameters whose truth values differ from those the graph was traced with."""
 
@@ -129,29 +134,43 @@ class Graph:
                         used.append(arg)
         return tuple(used)
 
-    def kernel_arguments(self, scalars: Mapping[str, Any]) -> list[Any]:
-        """The kernel's scalar arguments for these hyperparameters, as Python numbers.
+    def kernel_arguments(self, scalars: Mapping[str, Any], cast: Any = None) -> list[Any]:
+        """The kernel's scalar arguments for these hyperparameters.
 
         Every scalar node is evaluated with Python's own operators, in the rule's order,
-        so a derived scalar (``1.0 - beta1``) has exactly the value the rule computes.
+        so a derived scalar (``1.0 - beta1``) has exactly the value the rule computes;
+        ``cast`` (the arrays' scalar type) is applied to each argument if given.
 
         Raises:
             GuardFailed: a guarded scalar's truth differs from the traced one.
         """
-        values: list[Any] = []
-        for node in self.nodes:
+        return self._arguments_function(scalars, cast or _same)
+
+    @functools.cached_property
+    def _arguments_function(self) -> Any:
+        """`kernel_arguments` as one generated Python function: a step calls it once per
+        group of parameters, so it must cost about a microsecond, not an interpreter
+        loop over the graph."""
+        lines = ["def arguments(scalars, cast):"]
+        for index, node in enumerate(self.nodes):
             if node.array:
-                values.append(None)
-            elif node.op == "scalar":
-                values.append(scalars[node.value])
+                continue
+            if node.op == "scalar":
+                value = f"scalars[{node.value!r}]"
             elif node.op == "const":
-                values.append(node.value)
+                value = repr(node.value)  # repr round-trips Python numbers exactly
             else:
-                values.append(SCALAR_OPS[node.op](*(values[arg] for arg in node.args)))
+                args = [f"v{a}" for a in node.args]
+                value = f"_OPS[{node.op!r}]({', '.join(args)})"
+            lines.append(f"    v{index} = {value}")
         for index, truth in self.guards:
-            if bool(values[index]) is not truth:
-                raise GuardFailed(f"{self.nodes[index]} is no longer {truth}")
-        return [values[index] for index in self.kernel_scalars()]
+            lines.append(f"    if bool(v{index}) is not {truth}:")
+            lines.append(f"        raise GuardFailed('scalar node {index} is no longer {truth}')")
+        result = ", ".join(f"cast(v{i})" for i in self.kernel_scalars())
+        lines.append(f"    return [{result}]")
+        namespace: dict[str, Any] = {"_OPS": SCALAR_OPS, "GuardFailed": GuardFailed}
+        exec(compile("\n".join(lines), f"<xpoptim arguments of {self.rule}>", "exec"), namespace)
+        return namespace["arguments"]
 
     def fingerprint(self) -> str:
         """A short hash of the graph's structure (not of any hyperparameter value)."""

@@ -81,8 +81,7 @@ class Kernel:
         Raises:
             GuardFailed: the hyperparameters' truth values differ from the traced ones.
         """
-        cast = self.dtype.type
-        return [cast(value) for value in self.graph.kernel_arguments(scalars)]
+        return self.graph.kernel_arguments(scalars, self.dtype.type)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,7 @@ def run(
         for index in strided:
             reasons[positions[index]] = _STRIDED
         if len(sizes):
-            _launch(kernel, rule, table, sizes, kernel.arguments(scalars), options)
+            launch(kernel, rule, table, sizes, kernel.arguments(scalars), options)
     return reasons
 
 
@@ -164,7 +164,7 @@ def _plan(items: Sequence[Item], roles: int) -> _Plan:
     )
 
 
-def _launch(
+def launch(
     kernel: Kernel,
     rule: Callable[..., Any],
     table: np.ndarray,
