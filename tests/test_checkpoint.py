@@ -763,3 +763,146 @@ def test_load_like_parameters_that_do_not_fit_is_refused(tmp_path):
     ck = xpoptim.load(path, like={k: v.astype(np.float32) for k, v in params_np.items()})
     assert ck.params["dense.bias"].dtype == np.float32
     assert ck.state.momentums["dense.bias"].dtype == np.float32
+
+
+# -- save checks what load checks, before anything is written -------------------------------
+
+
+def _fresh_adam_params():
+    params_np, _ = problem()
+    return params_np
+
+
+SAVE_REFUSALS = {
+    # The optimizer never ran step(): there is no state of its own to save.
+    "before the first step": (
+        lambda params, state: dict(opt=xpoptim.Adam(**CONFIG), params=params),
+        ValueError,
+        r"never ran step\(layers\).*opt.state_dict\(state\)",
+    ),
+    "params of other names": (
+        lambda params, state: dict(params={"other": params["dense.bias"]}, state=state),
+        xpoptim.StateDictError,
+        r"missing \['other'\], unexpected \['dense.bias', 'dense.weights'\]",
+    ),
+    "params of other shapes": (
+        lambda params, state: dict(params={**params, "dense.bias": np.zeros(5)}, state=state),
+        xpoptim.StateDictError,
+        r"\['dense.bias'\] has shape \(3,\), the parameter \(5,\)",
+    ),
+    "integer params": (
+        lambda params, state: dict(
+            params={k: v.astype(np.int64) for k, v in params.items()}, state=state
+        ),
+        xpoptim.StateDictError,
+        "has dtype int64, not real floating",
+    ),
+    "a state of another optimizer": (
+        lambda params, state: dict(params=params, state=xpoptim.SGD().init(params)),
+        TypeError,
+        "state must be a AdamState",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_REFUSALS))
+def test_save_refuses_what_load_would_refuse_and_keeps_the_good_file(case, tmp_path):
+    """A save that load would refuse writes nothing: the good checkpoint stays, byte for
+    byte, with no temporary beside it (main wrote a file that load then refused)."""
+    numpy_session_only()
+    path = tmp_path / "ckpt.safetensors"
+    _good(path)
+    old = path.read_bytes()
+    opt = xpoptim.Adam(**CONFIG)
+    params_np, grads_np = problem()
+    params, state = run(BACKENDS["numpy"], opt, params_np, opt.init(params_np), grads_np[:1])
+    snapshot = numpy_of(BACKENDS["numpy"], params, state)
+    make, error, message = SAVE_REFUSALS[case]
+    kwargs = {"opt": opt, **make(params, state)}
+    with pytest.raises(error, match=message):
+        xpoptim.save(path, kwargs.pop("opt"), kwargs.pop("params"), **kwargs)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+    assert numpy_of(BACKENDS["numpy"], params, state) == snapshot
+    xpoptim.load(path)  # still the good file
+
+
+# -- durability: the order of the operations that make a save survive a power loss ----------
+
+
+def _record_durable_operations(monkeypatch) -> list[tuple[Any, ...]]:
+    """Record each os.fsync (what it syncs: a file's inode and size, or a directory) and
+    os.replace, calling through to the real functions."""
+    events: list[tuple[Any, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        events.append(("fsync", kind, st.st_ino, st.st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.stat(src).st_ino, os.path.abspath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new file", "overwrite"])
+def test_save_syncs_the_data_then_renames_then_syncs_the_directory(existing, tmp_path, monkeypatch):
+    """The file's complete data is fsynced before the rename, and the directory after it:
+    removing either fsync (or the flush before it), or renaming first, fails this test
+    (a SIGKILL test cannot: the page cache survives a killed process, not a power loss)."""
+    numpy_session_only()
+    path = tmp_path / "ckpt.safetensors"
+    if existing:
+        _good(path)
+    events = _record_durable_operations(monkeypatch)
+    _good(path)
+    monkeypatch.undo()
+    final = path.stat()
+    directory = os.stat(tmp_path)
+    data_synced = ("fsync", "file", final.st_ino, final.st_size)  # all the bytes, this inode
+    renamed = ("replace", final.st_ino, str(path))
+    dir_synced = ("fsync", "dir", directory.st_ino, directory.st_size)
+    assert events == [data_synced, renamed, dir_synced], events
+
+
+# -- permissions: new files follow the umask, as every file open() creates ----------------
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o002], ids=oct)
+def test_new_checkpoint_files_honour_the_umask(umask, tmp_path):
+    """main made every new checkpoint 0o644, readable by all under umask 0o077."""
+    numpy_session_only()
+    old = os.umask(umask)
+    try:
+        _good(tmp_path / "ckpt.safetensors")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022], ids=oct)
+def test_store_pointer_honours_the_umask_like_zarrs_files(umask, tmp_path):
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    if "dask" not in selected_backends():
+        pytest.skip("needs Zarr and Dask: runs in the dask session")
+    params = {"w": np.ones((4, 3))}
+    old = os.umask(umask)
+    try:
+        xpoptim.OutOfCore.create(tmp_path / "s", xpoptim.Adam(), params)
+    finally:
+        os.umask(old)
+    pointer = stat.S_IMODE((tmp_path / "s" / "xpoptim.json").stat().st_mode)
+    zarr_files = [p for p in (tmp_path / "s").rglob("zarr.json")]
+    assert zarr_files
+    assert pointer == 0o666 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in zarr_files} == {pointer}

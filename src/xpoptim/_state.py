@@ -291,18 +291,17 @@ def load_state_dict(
     ``step`` will see), the buffers are placed like their parameters when ``step`` first
     sees them (`adopt`), after their shapes are checked again.
     """
-    step, skipped, buffers = parse(opt, sd)
+    state = state_from_dict(opt, sd, like, xp=xp, device=device)
     if opt._state is not None:
-        for field, arrays in buffers.items():
+        for field in opt._buffer_fields():
             current = getattr(opt._state, field)
-            for name, a in arrays.items():
+            for name, a in getattr(state, field).items():
                 if name in current and tuple(a.shape) != tuple(current[name].shape):
                     raise StateDictError(
                         f"state_dict['buffers'][{field!r}][{name!r}] has shape "
                         f"{tuple(a.shape)}, but this optimizer's state for that parameter has "
                         f"{tuple(current[name].shape)}; nothing was loaded"
                     )
-    state = state_from_dict(opt, sd, like, xp=xp, device=device)
     names = set().union(*(getattr(state, f).keys() for f in opt._buffer_fields()))
     opt._state = state
     opt._unplaced = names if like is None or provisional else set()
