@@ -232,7 +232,9 @@ def _change_learning_rate_without_its_crc(path: Path) -> None:
     header, buffer = _parts(path)
     text = header["__metadata__"]["xpoptim"]
     assert '"learning_rate": 0.02' in text
-    header["__metadata__"]["xpoptim"] = text.replace('"learning_rate": 0.02', '"learning_rate": 0.03')
+    header["__metadata__"]["xpoptim"] = text.replace(
+        '"learning_rate": 0.02', '"learning_rate": 0.03'
+    )
     _put(path, header, buffer)
 
 
@@ -307,7 +309,9 @@ BAD_FILES = {
     ),
     "overlapping tensors": (_tensor("a1", data_offsets=[0, 24]), "overlaps|declares shape"),
     "a hole between tensors": (
-        _edit_header(lambda h, b: h.update(a0={**h["a0"], "data_offsets": [8, 8 + 96]}) or b + bytes(8)),
+        _edit_header(
+            lambda h, b: h.update(a0={**h["a0"], "data_offsets": [8, 8 + 96]}) or b + bytes(8)
+        ),
         "leaves a hole",
     ),
     "an integer dtype": (_tensor("a0", dtype="I64"), "dtype 'I64'; this reader takes"),
@@ -463,7 +467,8 @@ def test_reads_the_files_of_other_safetensors_writers(tmp_path):
     assert metadata == {"who": "someone else"}
     assert set(got) == set(tensors)
     for name, a in tensors.items():
-        assert got[name].dtype == a.dtype and got[name].shape == a.shape
+        assert got[name].dtype == a.dtype
+        assert got[name].shape == a.shape
         assert got[name].tobytes() == a.tobytes()
     # And xpoptim's checkpoint reader refuses it clearly: it is not a checkpoint.
     with pytest.raises(xpoptim.CheckpointError, match="not that of an xpoptim checkpoint"):
@@ -601,7 +606,6 @@ def _flip_npz(path: Path) -> None:
     at = bytes(data).find(raw) + len(raw) // 2
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
-
 
 
 @pytest.mark.parametrize("case", list(LEGACY_BAD_FILES))
@@ -776,29 +780,30 @@ def _fresh_adam_params():
 SAVE_REFUSALS = {
     # The optimizer never ran step(): there is no state of its own to save.
     "before the first step": (
-        lambda params, state: dict(opt=xpoptim.Adam(**CONFIG), params=params),
+        lambda params, state: {"opt": xpoptim.Adam(**CONFIG), "params": params},
         ValueError,
         r"never ran step\(layers\).*opt.state_dict\(state\)",
     ),
     "params of other names": (
-        lambda params, state: dict(params={"other": params["dense.bias"]}, state=state),
+        lambda params, state: {"params": {"other": params["dense.bias"]}, "state": state},
         xpoptim.StateDictError,
         r"missing \['other'\], unexpected \['dense.bias', 'dense.weights'\]",
     ),
     "params of other shapes": (
-        lambda params, state: dict(params={**params, "dense.bias": np.zeros(5)}, state=state),
+        lambda params, state: {"params": {**params, "dense.bias": np.zeros(5)}, "state": state},
         xpoptim.StateDictError,
         r"\['dense.bias'\] has shape \(3,\), the parameter \(5,\)",
     ),
     "integer params": (
-        lambda params, state: dict(
-            params={k: v.astype(np.int64) for k, v in params.items()}, state=state
-        ),
+        lambda params, state: {
+            "params": {k: v.astype(np.int64) for k, v in params.items()},
+            "state": state,
+        },
         xpoptim.StateDictError,
         "has dtype int64, not real floating",
     ),
     "a state of another optimizer": (
-        lambda params, state: dict(params=params, state=xpoptim.SGD().init(params)),
+        lambda params, state: {"params": params, "state": xpoptim.SGD().init(params)},
         TypeError,
         "state must be a AdamState",
     ),
@@ -902,7 +907,7 @@ def test_store_pointer_honours_the_umask_like_zarrs_files(umask, tmp_path):
     finally:
         os.umask(old)
     pointer = stat.S_IMODE((tmp_path / "s" / "xpoptim.json").stat().st_mode)
-    zarr_files = [p for p in (tmp_path / "s").rglob("zarr.json")]
+    zarr_files = list((tmp_path / "s").rglob("zarr.json"))
     assert zarr_files
     assert pointer == 0o666 & ~umask
     assert {stat.S_IMODE(p.stat().st_mode) for p in zarr_files} == {pointer}

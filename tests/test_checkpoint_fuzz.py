@@ -82,6 +82,7 @@ FUZZER = textwrap.dedent(
         blob = json.dumps(h).encode() if raw is None else raw
         return len(blob).to_bytes(8, "little") + blob + new[8 + n :]
     huge = 2**62
+    DEEP = "[" * 200000 + "]" * 200000
     cases += [
         ("new", "header size 2**64-1", b"\xff" * 8 + new[8:], True),
         ("new", "header size = file", len(new).to_bytes(8, "little") + new[8:], True),
@@ -91,10 +92,9 @@ FUZZER = textwrap.dedent(
         ("new", "float shape", crafted(lambda h: h["a0"].update(shape=[1e300])), True),
         ("new", "bool shape", crafted(lambda h: h["a0"].update(shape=[True])), True),
         ("new", "1000 dims", crafted(lambda h: h["a0"].update(shape=[1] * 1000)), True),
-        ("new", "deep nesting", crafted(lambda h: None, b'{"a":' + b"[" * 200000 + b"]" * 200000 + b"}"), True),
+        ("new", "deep nesting", crafted(lambda h: None, b'{"a":' + DEEP.encode() + b"}"), True),
         ("new", "deep metadata", crafted(lambda h: h["__metadata__"].update(
-            xpoptim="[" * 200000 + "]" * 200000,
-            xpoptim_crc32=f"{zlib.crc32(b'[' * 200000 + b']' * 200000):08x}")), True),
+            xpoptim=DEEP, xpoptim_crc32=f"{zlib.crc32(DEEP.encode()):08x}")), True),
         ("new", "huge integer", crafted(lambda h: None, b'{"a0": ' + b"9" * 100000 + b"}"), True),
         ("new", "metadata not strings", crafted(lambda h: h["__metadata__"].update(x=[1])), True),
     ]

@@ -143,7 +143,9 @@ def save(
         _state._match(buffers, named)
         for key, p in named.items():  # _match checks only names that have buffers
             if not array_namespace(p).isdtype(p.dtype, "real floating"):
-                raise _state.StateDictError(f"params[{key!r}] has dtype {p.dtype}, not real floating")
+                raise _state.StateDictError(
+                    f"params[{key!r}] has dtype {p.dtype}, not real floating"
+                )
     config = json.loads(json.dumps(sd["config"], default=_json_default, allow_nan=False))
     _build(sd["optimizer"], config)  # what load does with it
 
@@ -209,9 +211,7 @@ def _meta_version(meta: Any, expected: int) -> dict[str, Any]:
     return meta
 
 
-def _read_safetensors(
-    f: Any, size: int
-) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+def _read_safetensors(f: Any, size: int) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
     metadata, entries = _safetensors.read_header(f, size)
     if metadata.get("format") != FORMAT or META_KEY not in metadata:
         raise ValueError("its metadata is not that of an xpoptim checkpoint")
@@ -233,11 +233,16 @@ def _read_safetensors(
             _safetensors.code_of(e.dtype),
             list(e.shape),
         ):
-            raise ValueError(f"tensor {key!r}: the file says {e.dtype} {e.shape}, the metadata {spec!r}")
+            raise ValueError(
+                f"tensor {key!r}: the file says {e.dtype} {e.shape}, the metadata {spec!r}"
+            )
         a = _safetensors.read_tensor(f, e)
         crc32 = zlib.crc32(_safetensors.little_endian_bytes(a))
         if spec.get("crc32") != crc32:
-            raise ValueError(f"tensor {key!r} has CRC-32 {crc32}, not the recorded {spec.get('crc32')!r} (corrupt)")
+            raise ValueError(
+                f"tensor {key!r} has CRC-32 {crc32}, not the recorded "
+                f"{spec.get('crc32')!r} (corrupt)"
+            )
         arrays[key] = a
     return meta, arrays
 

@@ -749,13 +749,13 @@ class Adam(Optimizer):
         return 0 if self._state is None else int(self._state.step)
 
     @t.setter
-    def t(self, value: int) -> None:
+    def t(self, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"t must be an int >= 0, got {value!r} ({type(value).__name__})")
         if value < 0:
             raise ValueError(f"t must be an int >= 0, got {value}")
         if self._state is None:  # no buffers yet: step() creates them, counting from t
-            fields = {field: {} for field in self._buffer_fields()}
+            fields: dict[str, dict[str, Array]] = {f: {} for f in self._buffer_fields()}
             skipped = _nonfinite.initial_count(self.nonfinite)
             self._state = self.State(step=int(value), skipped=skipped, **fields)
         else:

@@ -80,7 +80,9 @@ def code_of(dtype: np.dtype[Any]) -> str:
     return code
 
 
-def write(f: IO[bytes], tensors: Mapping[str, np.ndarray[Any, Any]], metadata: Mapping[str, str]) -> None:
+def write(
+    f: IO[bytes], tensors: Mapping[str, np.ndarray[Any, Any]], metadata: Mapping[str, str]
+) -> None:
     """Write ``tensors`` (host arrays of a supported dtype) and ``metadata`` to ``f``."""
     header: dict[str, Any] = {METADATA: dict(metadata)}
     offset = 0
@@ -100,11 +102,11 @@ def write(f: IO[bytes], tensors: Mapping[str, np.ndarray[Any, Any]], metadata: M
             f.write(little_endian_bytes(a))
 
 
-def little_endian_bytes(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """``a``'s data as a 1-d ``uint8`` array in the file's byte order (C order,
-    little-endian; no copy when ``a`` already is)."""
+def little_endian_bytes(a: np.ndarray[Any, Any]) -> memoryview:
+    """``a``'s data as bytes in the file's byte order (C order, little-endian; no copy
+    when ``a`` already is)."""
     target = a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype
-    return np.ascontiguousarray(a, dtype=target).reshape(-1).view(np.uint8)
+    return np.ascontiguousarray(a, dtype=target).reshape(-1).view(np.uint8).data
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -163,7 +165,9 @@ def _entry(name: str, spec: Any, data_start: int) -> Entry:
         and all(_int(n) for n in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
-        raise FormatError(f"{where} has data_offsets {offsets!r}: not [begin, end] with 0 <= begin <= end")
+        raise FormatError(
+            f"{where} has data_offsets {offsets!r}: not [begin, end] with 0 <= begin <= end"
+        )
     dtype = DTYPES[code]
     nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if offsets[1] - offsets[0] != nbytes:
@@ -200,16 +204,16 @@ def read_header(f: io.BufferedIOBase, size: int) -> tuple[dict[str, str], dict[s
     if not isinstance(header, dict):
         raise FormatError("the header is not a JSON object")
     metadata = header.pop(METADATA, {})
-    if not isinstance(metadata, dict) or not all(
-        isinstance(v, str) for v in metadata.values()
-    ):
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"the header's {METADATA!r} must map strings to strings")
     data_start = 8 + n
     entries = {name: _entry(name, spec, data_start) for name, spec in header.items()}
     position = data_start
     for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if e.begin != position:
-            gap = "overlaps the previous tensor" if e.begin < position else "leaves a hole before it"
+            gap = (
+                "overlaps the previous tensor" if e.begin < position else "leaves a hole before it"
+            )
             raise FormatError(f"tensor {name!r} starts at byte {e.begin - data_start} and {gap}")
         position = e.end
     if position != size:
@@ -225,7 +229,7 @@ def read_tensor(f: io.BufferedIOBase, entry: Entry) -> np.ndarray[Any, Any]:
     out = np.empty(entry.shape, dtype=entry.dtype)
     if out.size:
         f.seek(entry.begin)
-        got = f.readinto(out.reshape(-1).view(np.uint8))
+        got = f.readinto(out.reshape(-1).view(np.uint8).data)
         if got != entry.end - entry.begin:
             raise FormatError(
                 f"the file ended inside a tensor ({got} of {entry.end - entry.begin} bytes)"
