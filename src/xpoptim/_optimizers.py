@@ -455,8 +455,9 @@ class Optimizer:
         """Restore the state kept by `step` from `state_dict` output.
 
         Everything is checked before anything changes; a refused load leaves the
-        optimizer as it was. Hyperparameters are not changed (the dict's ``config`` is
-        only checked for the optimizer type).
+        optimizer as it was. Shapes are checked against ``like`` and against the state
+        the optimizer keeps now. Hyperparameters are not changed (the dict's ``config``
+        is only checked for the optimizer type).
 
         Args:
             state_dict: the dict to load (from any backend or device).
