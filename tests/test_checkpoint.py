@@ -356,6 +356,16 @@ BAD_FILES = {
         ),
         "does not build a Adam",
     ),
+    "config not a mapping": (
+        _set_meta("state", "config", value=["learning_rate"]),
+        "saved config of a Adam is list, not a mapping",
+    ),
+    "state not a dict": (_set_meta("state", value=[1]), "metadata has no state dict"),
+    "params not a mapping": (_set_meta("params", value=[1]), "params must map names"),
+    "a buffer named by a list": (
+        _set_meta("state", "buffers", "momentums", "dense.bias", value=["a0"]),
+        r"names a missing member \['a0'\]",
+    ),
     "shape mismatch in the state": (
         _with_meta(
             lambda m: m["state"]["buffers"].update(

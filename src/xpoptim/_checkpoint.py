@@ -99,6 +99,8 @@ def _build(kind: Any, config: Any) -> Optimizer:
     cls = _optimizer_types().get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"unknown optimizer type {kind!r}")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"the saved config of a {kind} is {type(config).__name__}, not a mapping")
     try:
         return cls.from_config(config)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -272,9 +274,9 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any
         magic = f.read(4)
         f.seek(0)
         try:
-            if magic == b"PK\x03\x04" or magic == b"PK\x05\x06":
+            if magic in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip: xpoptim 0.1
                 return _read_npz(f, size)
-            if magic.startswith(b"\x93NUMPY"[:4]):
+            if magic == b"\x93NUM":
                 raise ValueError("it is a single .npy array, not an xpoptim checkpoint")
             return _read_safetensors(f, size)
         except _state.StateDictError as exc:
