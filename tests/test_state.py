@@ -557,3 +557,178 @@ def test_step_layers_places_a_loaded_state_in_the_layout_of_init():
     v = second.state.velocities
     assert v["0.weights"].base is not None
     assert v["0.weights"].base is v["2.bias"].base  # one flat buffer, as init() makes
+
+
+# -- Adam.t is settable, with the seed's meaning ---------------------------------------------
+
+
+class SeedAdam:
+    """mpneuralnetwork 1.1.1's Adam.step, transcribed from its API page (float64; the
+    buffers keyed by name instead of id(param)): ``t`` counts the steps, and the next
+    step uses ``t + 1``."""
+
+    def __init__(self, lr, regularization, weight_decay, beta1, beta2, epsilon):
+        self.lr, self.reg, self.wd = lr, regularization, weight_decay
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.t, self.momentums, self.velocities = 0, {}, {}
+
+    def step(self, params, grads):
+        self.t += 1
+        for name, param in params.items():
+            grad = grads[name].copy()
+            decayed = not any(s in name for s in ("bias", "beta", "gamma"))
+            if self.reg == "L1" and decayed:
+                grad += self.wd * np.sign(param)
+            if name not in self.momentums:
+                self.momentums[name] = np.zeros_like(param)
+                self.velocities[name] = np.zeros_like(param)
+            m = self.momentums[name] = self.beta1 * self.momentums[name] + (1 - self.beta1) * grad
+            v = self.velocities[name] = (
+                self.beta2 * self.velocities[name] + (1 - self.beta2) * grad**2
+            )
+            step_size = self.lr / (1 - self.beta1**self.t)
+            denom = np.sqrt(v) / np.sqrt(1 - self.beta2**self.t) + self.epsilon
+            param -= step_size * m / denom
+            if self.reg == "L2" and decayed:
+                param -= self.lr * self.wd * param
+
+
+SEED_CONFIG = {"learning_rate": 0.05, "regularization": "L2", "weight_decay": 0.01,
+               "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}  # fmt: skip
+
+
+def _seed_like_training(set_t_first: int | None):
+    """Model.train twice, as the seed does it: train, restore the best weights and rewind
+    ``t`` to the best epoch (buffers kept), train again. Returns the same sequence run on
+    xpoptim's Adam (through step(layers)) and on the seed's."""
+    params_np, grads_np = problem()
+    seed = SeedAdam(*SEED_CONFIG.values())
+    seed_params = {k: v.copy() for k, v in params_np.items()}
+    opt = xpoptim.Adam(**SEED_CONFIG)
+    layers = layers_for(BACKENDS["numpy"], params_np)
+    names = {"dense.weights": (0, "weights"), "dense.bias": (2, "bias")}
+
+    def ours() -> dict[str, np.ndarray]:
+        return {k: layers[i].weights[n] for k, (i, n) in names.items()}
+
+    if set_t_first is not None:
+        opt.t = set_t_first
+        seed.t = set_t_first
+    for g in grads_np[:3]:  # first train(): 3 epochs, the best after the first
+        set_grads(BACKENDS["numpy"], layers, g)
+        opt.step(layers)
+        seed.step(seed_params, g)
+        if opt.t == (set_t_first or 0) + 1:
+            best = {k: v.copy() for k, v in ours().items()}
+            best_seed = {k: v.copy() for k, v in seed_params.items()}
+    for k, v in ours().items():  # restore the best weights, rewind t
+        v[...] = best[k]
+    seed_params = best_seed
+    opt.t = (set_t_first or 0) + 1
+    seed.t = (set_t_first or 0) + 1
+    for g in grads_np[3:]:  # second train()
+        set_grads(BACKENDS["numpy"], layers, g)
+        opt.step(layers)
+        seed.step(seed_params, g)
+    return opt, ours(), seed, seed_params
+
+
+@pytest.mark.parametrize("start", [None, 4], ids=["from 0", "t set before the first step"])
+def test_setting_t_rewinds_like_the_seeds_model_train(start):
+    """main: ``opt.t = k`` raised AttributeError, so the seed's second train() went on
+    with the wrong bias correction."""
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    opt, got, seed, want = _seed_like_training(start)
+    assert opt.t == seed.t == (start or 0) + 1 + STEPS - 3
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-13, atol=1e-15)
+        ours = {"dense.weights": "0.weights", "dense.bias": "2.bias"}[k]
+        np.testing.assert_allclose(opt.params["momentums"][ours], seed.momentums[k], rtol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (-1, ValueError, "t must be an int >= 0, got -1"),
+        (2.0, TypeError, r"t must be an int >= 0, got 2.0 \(float\)"),
+        (True, TypeError, r"got True \(bool\)"),
+        ("3", TypeError, r"got '3' \(str\)"),
+        (None, TypeError, "got None"),
+    ],
+)
+def test_setting_t_is_validated_and_a_refused_value_changes_nothing(value, error, message):
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    opt = xpoptim.Adam()
+    with pytest.raises(error, match=message):
+        opt.t = value
+    assert opt.state is None
+    assert opt.t == 0
+    params_np, grads_np = problem()
+    layers = layers_for(BACKENDS["numpy"], params_np)
+    set_grads(BACKENDS["numpy"], layers, grads_np[0])
+    opt.step(layers)
+    before = opt.state_dict()
+    with pytest.raises(error, match=message):
+        opt.t = value
+    after = opt.state_dict()
+    assert after["step"] == before["step"] == 1
+    for field, buffers in before["buffers"].items():
+        for name, a in buffers.items():
+            assert after["buffers"][field][name].tobytes() == a.tobytes()
+    opt.t = np.int64(7)  # any integer type
+    assert opt.t == 7
+    assert type(opt.t) is int
+
+
+# -- state_dict() of an optimizer that keeps no state ----------------------------------------
+
+
+def test_state_dict_without_a_state_says_to_pass_the_functional_one():
+    """main: after functional update() calls, opt.state_dict() silently returned an empty
+    state (the README's snippet saved that)."""
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    opt = xpoptim.Adam()
+    params, grads = problem()
+    state = opt.init(params)
+    params, state = opt.update(params, grads[0], state)
+    with pytest.raises(ValueError, match=r"never ran step\(layers\).*opt\.state_dict\(state\)"):
+        opt.state_dict()
+    assert opt.state_dict(state)["step"] == 1
+
+
+# -- load_state_dict refuses shapes that differ from the state it replaces ------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_refuses_shapes_other_than_the_current_state(kind):
+    """main accepted it, and the error came at the next step, the good state gone."""
+    if "numpy" not in selected_backends():
+        pytest.skip("backend-independent; runs in the numpy session")
+    params_np, grads_np = problem()
+    opt = make(kind)
+    layers = layers_for(BACKENDS["numpy"], params_np)
+    set_grads(BACKENDS["numpy"], layers, grads_np[0])
+    opt.step(layers)
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    field = next(iter(bad["buffers"]))
+    for f in bad["buffers"]:
+        bad["buffers"][f]["2.bias"] = np.zeros(5)
+    before = opt.state_dict()
+    with pytest.raises(
+        xpoptim.StateDictError,
+        match=re.escape(f"state_dict['buffers'][{field!r}]['2.bias'] has shape (5,), but this ")
+        + r"optimizer's state for that parameter has \(3,\); nothing was loaded",
+    ):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["step"] == before["step"]
+    for f, buffers in before["buffers"].items():
+        for name, a in buffers.items():
+            assert after["buffers"][f][name].tobytes() == a.tobytes()
+    opt.load_state_dict(sd)  # the matching dict still loads
+    set_grads(BACKENDS["numpy"], layers, grads_np[1])
+    opt.step(layers)

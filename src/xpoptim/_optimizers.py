@@ -12,6 +12,7 @@ Each optimizer offers two ways in, both running the same rule from `xpoptim._rul
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -426,8 +427,22 @@ class Optimizer:
             ``{"format_version", "optimizer", "config", "step", "skipped", "buffers"}``, with
             ``buffers[field][name]`` a copy of each state array (later steps do not change
             it) and the counters as Python ints. See [state_to_dict][xpoptim.state_to_dict].
+
+        Raises:
+            ValueError: no ``state`` and the optimizer keeps none (it never ran `step`,
+                nor `load_state_dict`): after functional `update` calls the state is
+                the caller's, so pass it.
         """
-        return state_dicts.state_to_dict(self, self._state if state is None else state)
+        if state is None:
+            if self._state is None:
+                name = type(self).__name__
+                raise ValueError(
+                    f"{name}.state_dict() has no state to take: this optimizer never ran "
+                    "step(layers) nor load_state_dict(). After functional init()/update() "
+                    "calls, pass their state: opt.state_dict(state)"
+                )
+            state = self._state
+        return state_dicts.state_to_dict(self, state)
 
     def load_state_dict(
         self,
@@ -440,8 +455,9 @@ class Optimizer:
         """Restore the state kept by `step` from `state_dict` output.
 
         Everything is checked before anything changes; a refused load leaves the
-        optimizer as it was. Hyperparameters are not changed (the dict's ``config`` is
-        only checked for the optimizer type).
+        optimizer as it was. Shapes are checked against ``like`` and against the state
+        the optimizer keeps now. Hyperparameters are not changed (the dict's ``config``
+        is only checked for the optimizer type).
 
         Args:
             state_dict: the dict to load (from any backend or device).
@@ -720,8 +736,31 @@ class Adam(Optimizer):
 
     @property
     def t(self) -> int:
-        """The step count of `step` (the seed's attribute)."""
+        """The step count of `step` (the seed's attribute): the updates applied so far.
+
+        Settable, as in the seed (whose ``Model.train`` rewinds it when it restores its
+        best weights): the next `step` is update ``t + 1``, with that bias correction and
+        learning-rate schedule position; the buffers (momentums, velocities) are kept.
+        Setting it before the first step starts the count there.
+
+        Raises:
+            TypeError: (on setting) not an int (``True`` and ``3.0`` are refused).
+            ValueError: (on setting) a negative count.
+        """
         return 0 if self._state is None else int(self._state.step)
+
+    @t.setter
+    def t(self, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"t must be an int >= 0, got {value!r} ({type(value).__name__})")
+        if value < 0:
+            raise ValueError(f"t must be an int >= 0, got {value}")
+        if self._state is None:  # no buffers yet: step() creates them, counting from t
+            fields: dict[str, dict[str, Array]] = {f: {} for f in self._buffer_fields()}
+            skipped = _nonfinite.initial_count(self.nonfinite)
+            self._state = self.State(step=int(value), skipped=skipped, **fields)
+        else:
+            self._state = self._state._replace(step=int(value))
 
     @property
     def params(self) -> dict[str, Any]:

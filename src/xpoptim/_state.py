@@ -285,11 +285,23 @@ def load_state_dict(
 ) -> None:
     """Make ``sd`` the state that ``opt.step(layers)`` continues from (all checks first).
 
+    Shapes are checked wherever they are known: against ``like``, and against the state
+    the optimizer keeps now (a buffer of a parameter it has seen must keep its shape).
     Without ``like`` (or with ``provisional``: ``like`` are not the parameters that
     ``step`` will see), the buffers are placed like their parameters when ``step`` first
-    sees them (`adopt`), after their shapes are checked.
+    sees them (`adopt`), after their shapes are checked again.
     """
     state = state_from_dict(opt, sd, like, xp=xp, device=device)
+    if opt._state is not None:
+        for field in opt._buffer_fields():
+            current = getattr(opt._state, field)
+            for name, a in getattr(state, field).items():
+                if name in current and tuple(a.shape) != tuple(current[name].shape):
+                    raise StateDictError(
+                        f"state_dict['buffers'][{field!r}][{name!r}] has shape "
+                        f"{tuple(a.shape)}, but this optimizer's state for that parameter has "
+                        f"{tuple(current[name].shape)}; nothing was loaded"
+                    )
     names = set().union(*(getattr(state, f).keys() for f in opt._buffer_fields()))
     opt._state = state
     opt._unplaced = names if like is None or provisional else set()
