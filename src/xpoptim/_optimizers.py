@@ -13,7 +13,7 @@ Each optimizer offers two ways in, both running the same rule from `xpoptim._rul
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 from . import _nonfinite, _rules, _selection
@@ -22,6 +22,7 @@ from . import _validation as check
 from . import schedules as _schedules
 from ._compat import Array, Namespace
 from ._execution import (
+    current_options,
     run_rule,
     scalars_like,
     updates_in_place,
@@ -29,6 +30,9 @@ from ._execution import (
     warn_if_deep,
     zeros_state,
 )
+from ._execution.blocked import Item
+from ._execution.compiled import step_plan
+from ._execution.compiled.step_plan import StepPlan
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
@@ -132,6 +136,8 @@ class Optimizer:
         self._state: Any = None
         #: names of loaded state buffers not yet placed like their parameters
         self._unplaced: set[str] = set()
+        #: what the last ``step(layers)`` did, to do it again cheaply (see step_plan)
+        self._plan: StepPlan | None = None
         self._validate_hyperparameters()
 
     # -- configuration -------------------------------------------------------------
@@ -367,10 +373,69 @@ class Optimizer:
             TypeError: a parameter cannot be updated in place (JAX, Dask or read-only
                 arrays); use `update` for those.
         """
+        if (
+            self._plan is not None
+            and isinstance(layers, list | tuple)
+            and self._planned_step(layers)
+        ):
+            return
         params, grads = self._collect_in_place(layers)
         state = self._state_for(params)
         _, new_state = self.update(params, grads, state)
         self._keep_state(new_state)
+        self._plan = self._make_plan(layers, params, grads)
+
+    # -- the step plan: a model's structure is validated once, not at every step --------
+
+    def _plan_key(self) -> tuple[Any, ...]:
+        """Every setting a step depends on (compared by identity, then equality)."""
+        names = ("learning_rate", "regularization", "weight_decay", "no_decay", "nonfinite")
+        return tuple(
+            getattr(self, name) for name in (*names, *self._hyperparameters, *self._extensions)
+        )
+
+    def _planned_step(self, layers: Sequence[Any]) -> bool:
+        """Step ``layers`` through the plan if nothing it relies on changed; else False."""
+        plan = self._plan
+        assert plan is not None
+        if (
+            plan.state is not self._state
+            or plan.options is not current_options()
+            or plan.key != self._plan_key()
+        ):
+            return False
+        grads = plan.gradients(layers)
+        if grads is None:
+            return False
+        step = self._state.step + 1
+        if not plan.run(grads, self._step_scalars(step)):
+            return False
+        self._state = plan.state = self._state._replace(step=step)
+        return True
+
+    def _make_plan(
+        self, layers: Iterable[Any], params: Mapping[str, Array], grads: Mapping[str, Array]
+    ) -> StepPlan | None:
+        """A plan of the step just taken, where the compiled path can repeat it."""
+        if not isinstance(layers, list | tuple) or self.nonfinite != "propagate" or self._unplaced:
+            return None
+        state = self._state
+        fields = [getattr(state, field) for field in self._buffer_fields()]
+        items = [
+            Item(name, (p, *[buffers[name] for buffers in fields]), grads[name], scalars)
+            for name, p in params.items()
+            for scalars in (self._param_scalars(name),)
+        ]
+        return step_plan.build(
+            self._rule_function(),
+            self._plan_key(),
+            state,
+            current_options(),
+            layers,
+            items,
+            self._step_scalars(state.step),
+            fields,
+        )
 
     def _state_for(self, params: Mapping[str, Array]) -> Any:
         """The stored state restricted to ``params``, with fresh zeros for new names."""

@@ -144,7 +144,8 @@ class Graph:
         Raises:
             GuardFailed: a guarded scalar's truth differs from the traced one.
         """
-        return self._arguments_function(scalars, cast or _same)
+        arguments: list[Any] = self._arguments_function(scalars, cast or _same)
+        return arguments
 
     @functools.cached_property
     def _arguments_function(self) -> Any:

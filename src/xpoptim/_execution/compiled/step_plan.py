@@ -7,7 +7,9 @@ full (validated) step and, at the next steps, only re-checks what can change:
 
 * the optimizer's state object, execution options and hyperparameters are the ones the
   plan was made with (identity or equality: one comparison each);
-* each layer still holds the same parameter objects, under the same names, writeable;
+* each layer still holds the same parameter objects, under the same names, writeable,
+  and the state still holds the same buffer objects (a buffer replaced in the state's
+  dictionaries must not be left stale, let alone written after it was freed);
 * each gradient is a NumPy array of its parameter's shape, dtype and a memory layout the
   kernel can walk.
 
@@ -29,7 +31,7 @@ import numpy as np
 from ..blocked import Item
 from ..flat import group_key
 from ..options import ExecutionOptions
-from .kernels import Kernel, NoKernel, numba_kernel
+from .kernels import NUMBA_MISSING, Kernel, NoKernel, numba_kernel
 from .numpy_path import launch
 
 
@@ -54,7 +56,10 @@ class StepPlan:
     state: Any  # the optimizer's state object after the planned step
     options: ExecutionOptions
     layers: list[tuple[int, list[str]]]  # (layer index, parameter names) with parameters
+    names: list[str]  # each parameter's state key, in the plan's order
     params: list[weakref.ref[np.ndarray]]
+    fields: list[dict[str, np.ndarray]]  # the state's buffer dictionaries
+    buffers: list[list[weakref.ref[np.ndarray]]]  # per parameter, one per field
     groups: list[_Group]
 
     def gradients(self, layers: Sequence[Any]) -> list[np.ndarray] | None:
@@ -72,9 +77,10 @@ class StepPlan:
             if position != index or type(params) is not dict or len(params) != len(names):
                 return None
             for name, pair in zip(names, params.items(), strict=True):
-                if pair[0] != name or type(pair[1]) is not tuple or len(pair[1]) != 2:
+                if pair[0] != name or type(pair[1]) not in (tuple, list) or len(pair[1]) != 2:
                     return None
-                p, g = pair[1]
+                p: Any = pair[1][0]
+                g: Any = pair[1][1]
                 if (
                     p is not self.params[len(out)]()
                     or type(g) is not np.ndarray
@@ -85,7 +91,13 @@ class StepPlan:
                     return None
                 out.append(g)
             index, names = next(planned, (-1, []))
-        return out if index == -1 else None
+        if index != -1:
+            return None
+        for name, refs in zip(self.names, self.buffers, strict=True):
+            for field, ref in zip(self.fields, refs, strict=True):
+                if field.get(name) is not ref():
+                    return None
+        return out
 
     def run(self, gradients: list[np.ndarray], shared: Mapping[str, Any]) -> bool:
         """Step every parameter with ``gradients``; False (nothing done) if a gradient's
@@ -117,6 +129,7 @@ def build(
     layers: Sequence[Any],
     items: Sequence[Item],
     shared: Mapping[str, Any],
+    fields: Sequence[dict[str, np.ndarray]],
 ) -> StepPlan | None:
     """A plan for stepping ``layers`` as the full path just did, or None if the plan
     could not reproduce it (no kernel for a group, a strided array, an empty one).
@@ -131,11 +144,13 @@ def build(
             buffers, its gradient and its per-parameter scalars.
         shared: the scalars common to all parameters at that step (for the kernels'
             signatures; their values are taken anew at each step).
+        fields: the state's buffer dictionaries (``state.momentums``, ...), in the
+            order of each item's buffers.
     """
+    if not (options.fast and options.compile) or NUMBA_MISSING is not None:
+        return None
     from .numba_support import address_and_layout
 
-    if not (options.fast and options.compile):
-        return None
     planned_layers = []
     for index, layer in enumerate(layers):
         params = getattr(layer, "params", None)
@@ -184,6 +199,9 @@ def build(
         state=state,
         options=options,
         layers=planned_layers,
+        names=[item.name for item in items],
         params=[weakref.ref(item.arrays[0]) for item in items],
+        fields=list(fields),
+        buffers=[[weakref.ref(b) for b in item.arrays[1:]] for item in items],
         groups=planned_groups,
     )
