@@ -78,14 +78,41 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
+# What the demo needs on each backend, beyond xpoptim[demo]: extras of xpoptim, and
+# packages (the tests get array-api-strict from the test group; the demo must ask for it).
+DEMO_EXTRAS = {"dask": ["dask"], "cupy": ["cuda12"]}
+DEMO_PACKAGES = {
+    "array_api_strict": ["array-api-strict>=2.3"],
+    "torch": BACKENDS["torch"][1:],
+    "jax": ["jax"],
+}
+
+
+def demo_backend(posargs: list[str]) -> str:
+    """The ``--backend`` of the demo's arguments (``--backend B`` or ``--backend=B``)."""
+    backend = "numpy"
+    for i, arg in enumerate(posargs):
+        if arg == "--backend" and i + 1 < len(posargs):
+            backend = posargs[i + 1]
+        elif arg.startswith("--backend="):
+            backend = arg.split("=", 1)[1]
+    return backend
+
+
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The demo: ``nox -s demo [-- --backend torch | --out-of-core DIR --size 3GB]``."""
-    backend = "numpy"
-    if "--backend" in session.posargs:
-        backend = session.posargs[session.posargs.index("--backend") + 1]
-    extras = "dask,demo" if backend == "dask" or "--out-of-core" in session.posargs else "demo"
-    session.install(f".[{extras}]", *BACKENDS.get(backend, [])[1:])
+    """The demo: ``nox -s demo [-- --backend torch | --out-of-core DIR --size 3GB]``.
+
+    Installs what the chosen backend needs (``--backend`` numpy, array_api_strict, dask,
+    torch, jax or cupy); the demo's own ``--help`` lists its options.
+    """
+    backend = demo_backend(session.posargs)
+    if backend not in BACKENDS:
+        session.error(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    extras = ["demo", *DEMO_EXTRAS.get(backend, [])]
+    if "--out-of-core" in session.posargs and "dask" not in extras:
+        extras.append("dask")
+    session.install(f".[{','.join(extras)}]", *DEMO_PACKAGES.get(backend, []))
     session.run("python", "-m", "xpoptim", "demo", *session.posargs)
 
 
