@@ -65,16 +65,31 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
+# What the docs' examples import beyond xpoptim[dask] (CuPy ones run only on a GPU).
+DOCS_BACKENDS = ["array-api-strict>=2.3", *BACKENDS["torch"][1:], "jax"]
+
+
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Run the docstring examples, then build the site with ``mkdocs build --strict``.
+    """Run the docstring examples and the pages' code blocks, then ``mkdocs build --strict``.
 
     Strict: a broken cross-reference or a missing page fails the build. The site goes to
     ``site/``; ``nox -s docs -- --site-dir DIR`` puts it elsewhere.
     """
-    # The out-of-core examples need Dask and Zarr to run.
-    session.install(*DOCS_DEPS, ".[dask]")
+    # The examples of the pages and docstrings use Dask and Zarr (out of core), and the
+    # README's "On each backend" blocks each backend that runs on a CPU.
+    session.install(*DOCS_DEPS, ".[dask]", *DOCS_BACKENDS)
     session.run("pytest", "--doctest-modules", "src/xpoptim", "-q", "-p", "no:cacheprovider")
+    # Every ```python block of README.md and docs/*.md, in order per page; with
+    # XPOPTIM_DOCS_ALL=1 a block whose library is missing here fails instead of skipping.
+    session.run(
+        "pytest",
+        "tests/test_docs_examples.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        env={"XPOPTIM_DOCS_ALL": "1", "XPOPTIM_BACKENDS": None},
+    )
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 

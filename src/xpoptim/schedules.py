@@ -67,7 +67,7 @@ MAX_COUNT = 2**63 - 1
 
 
 class StepCountError(ValueError, OverflowError):
-    """A step count too large to use (above [`MAX_COUNT`][], ``2**63 - 1``).
+    """A step count too large to use (above ``MAX_COUNT``, ``2**63 - 1``).
 
     Such a count does not come from counting steps: it comes from a hand-edited or
     corrupted state dict, checkpoint or ``state.step``. A subclass of both `ValueError`
@@ -94,7 +94,7 @@ def check_count(count: Any, what: str = "count") -> int:
     """A Python-integer count (or NumPy integer) as an ``int`` in ``[0, MAX_COUNT]``.
 
     Raises:
-        StepCountError: the count is above [`MAX_COUNT`][].
+        StepCountError: the count is above ``MAX_COUNT``.
         ValueError: the count is negative.
     """
     number = int(count)
@@ -141,7 +141,7 @@ class Schedule:
         """The learning rate after ``count`` updates.
 
         Raises:
-            StepCountError: ``count`` is a Python integer above [`MAX_COUNT`][].
+            StepCountError: ``count`` is a Python integer above ``MAX_COUNT``.
             LearningRateError: the value overflows a float, or is not a finite number
                 >= 0 (checked when ``count`` is a Python integer; a traced or lazy count
                 cannot be read without a compute).
@@ -466,12 +466,12 @@ def learning_rate_at(learning_rate: Any, count: Any) -> Any:
     >= 0. When ``count`` is traced (``jax.jit``), the result is returned as it is.
 
     A Python-int ``count`` is checked first, whatever the learning rate: the update it
-    leads to, number ``count + 1``, must be at most [`MAX_COUNT`][]. Optimizers call this
+    leads to, number ``count + 1``, must be at most ``MAX_COUNT``. Optimizers call this
     before they compute anything else of the step (Adam's bias corrections included),
     so these errors leave parameters and state as they were.
 
     Raises:
-        StepCountError: ``count + 1`` is above [`MAX_COUNT`][] (a state whose step was
+        StepCountError: ``count + 1`` is above ``MAX_COUNT`` (a state whose step was
             loaded from a hand-edited or corrupted file, say).
         LearningRateError: the schedule overflowed, or gave a negative or non-finite
             learning rate; the message names the schedule and the step.
