@@ -73,27 +73,69 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
+# What the docs' examples import beyond xpoptim[dask] (CuPy ones run only on a GPU).
+DOCS_BACKENDS = ["array-api-strict>=2.3", *BACKENDS["torch"][1:], "jax"]
+
+
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Run the docstring examples, then build the site with ``mkdocs build --strict``.
+    """Run the docstring examples and the pages' code blocks, then ``mkdocs build --strict``.
 
     Strict: a broken cross-reference or a missing page fails the build. The site goes to
     ``site/``; ``nox -s docs -- --site-dir DIR`` puts it elsewhere.
     """
-    # The out-of-core examples need Dask and Zarr to run.
-    session.install(*DOCS_DEPS, ".[dask]")
+    # The examples of the pages and docstrings use Dask and Zarr (out of core), and the
+    # README's "On each backend" blocks each backend that runs on a CPU.
+    session.install(*DOCS_DEPS, ".[dask]", *DOCS_BACKENDS)
     session.run("pytest", "--doctest-modules", "src/xpoptim", "-q", "-p", "no:cacheprovider")
+    # Every ```python block of README.md and docs/*.md, in order per page; with
+    # XPOPTIM_DOCS_ALL=1 a block whose library is missing here fails instead of skipping.
+    session.run(
+        "pytest",
+        "tests/test_docs_examples.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        env={"XPOPTIM_DOCS_ALL": "1", "XPOPTIM_BACKENDS": None},
+    )
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+# What the demo needs on each backend, beyond xpoptim[demo]: extras of xpoptim, and
+# packages (the tests get array-api-strict from the test group; the demo must ask for it).
+DEMO_EXTRAS = {"dask": ["dask"], "cupy": ["cuda12"]}
+DEMO_PACKAGES = {
+    "array_api_strict": ["array-api-strict>=2.3"],
+    "torch": BACKENDS["torch"][1:],
+    "jax": ["jax"],
+}
+
+
+def demo_backend(posargs: list[str]) -> str:
+    """The ``--backend`` of the demo's arguments (``--backend B`` or ``--backend=B``)."""
+    backend = "numpy"
+    for i, arg in enumerate(posargs):
+        if arg == "--backend" and i + 1 < len(posargs):
+            backend = posargs[i + 1]
+        elif arg.startswith("--backend="):
+            backend = arg.split("=", 1)[1]
+    return backend
 
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The demo: ``nox -s demo [-- --backend torch | --out-of-core DIR --size 3GB]``."""
-    backend = "numpy"
-    if "--backend" in session.posargs:
-        backend = session.posargs[session.posargs.index("--backend") + 1]
-    extras = "dask,demo" if backend == "dask" or "--out-of-core" in session.posargs else "demo"
-    session.install(f".[{extras}]", *BACKENDS.get(backend, [])[1:])
+    """The demo: ``nox -s demo [-- --backend torch | --out-of-core DIR --size 3GB]``.
+
+    Installs what the chosen backend needs (``--backend`` numpy, array_api_strict, dask,
+    torch, jax or cupy); the demo's own ``--help`` lists its options.
+    """
+    backend = demo_backend(session.posargs)
+    if backend not in BACKENDS:
+        session.error(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    extras = ["demo", *DEMO_EXTRAS.get(backend, [])]
+    if "--out-of-core" in session.posargs and "dask" not in extras:
+        extras.append("dask")
+    session.install(f".[{','.join(extras)}]", *DEMO_PACKAGES.get(backend, []))
     session.run("python", "-m", "xpoptim", "demo", *session.posargs)
 
 

@@ -273,3 +273,189 @@ def test_a_negative_scheduled_rate_changes_nothing():
         opt.update(params, {"w": np.ones(2)}, state)
     np.testing.assert_array_equal(params["w"], before)
     assert state.step == 1
+
+
+# -- overflow and step counts that no training run reaches -----------------------------
+
+GROWING = schedules.ExponentialDecay(0.1, transition_steps=1, decay_rate=2.0)
+GROWING_STAIRS = schedules.ExponentialDecay(0.1, transition_steps=1, decay_rate=2.0, staircase=True)
+HUGE = 10**400  # what a hand-edited or corrupted file can hold
+
+
+@pytest.mark.parametrize("schedule", [GROWING, GROWING_STAIRS], ids=["smooth", "staircase"])
+def test_an_overflowing_schedule_names_itself_and_the_count(schedule):
+    # 0.1 * 2**1020 is a float; 0.1 * 2**1030 is not (main raised a bare OverflowError).
+    assert schedule(1020) == pytest.approx(0.1 * 2.0**1020, rel=1e-12)
+    with pytest.raises(
+        schedules.LearningRateError, match=r"ExponentialDecay\(.*decay_rate=2\.0"
+    ) as info:
+        schedule(1030)
+    assert "at count 1030" in str(info.value)
+    assert "decay_rate <= 1" in str(info.value)
+    # It is both kinds of error callers could already be catching.
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, OverflowError)
+
+
+def test_a_value_that_overflows_to_inf_without_an_exception_is_refused():
+    # init_value * decay_rate**x can be inf while decay_rate**x itself is finite.
+    schedule = schedules.ExponentialDecay(1e300, transition_steps=1, decay_rate=10.0)
+    assert schedule(8) == pytest.approx(1e308)
+    with pytest.raises(schedules.LearningRateError, match=r"gives inf at count 9"):
+        schedule(9)
+
+
+def test_an_underflowing_decay_ends_at_zero():
+    # The documented choice: the limit of the decay, 0.0, is a learning rate (as in optax).
+    schedule = schedules.ExponentialDecay(0.1, transition_steps=1, decay_rate=0.5)
+    assert schedule(1000) == pytest.approx(0.1 * 0.5**1000, rel=1e-12)
+    assert schedule(1100) == 0.0
+    assert schedules.learning_rate_at(schedule, 1100) == 0.0
+
+
+@pytest.mark.parametrize("name", [*SCHEDULES, "plateau"])
+def test_a_count_beyond_64_bits_is_refused_by_every_schedule(name):
+    schedule = schedules.ReduceOnPlateau(0.1) if name == "plateau" else SCHEDULES[name][0]
+    # The largest count is accepted and gives a finite rate (main: OverflowError for some).
+    assert np.isfinite(schedule(schedules.MAX_COUNT))
+    assert np.isfinite(schedule(np.int64(schedules.MAX_COUNT)))
+    for count in (schedules.MAX_COUNT + 1, HUGE):
+        with pytest.raises(
+            schedules.StepCountError, match="above the largest step count, 2"
+        ) as info:
+            schedule(count)
+        assert type(schedule).__name__ in str(info.value)
+        assert isinstance(info.value, OverflowError)
+    # A giant count is described by its size, never printed digit by digit (or str()
+    # itself would fail above 4300 digits).
+    with pytest.raises(schedules.StepCountError, match=r"a 16610-bit integer"):
+        schedule(10**5000)
+    with pytest.raises(ValueError, match="must be >= 0, got -1"):
+        schedule(-1)
+
+
+OPTIMIZERS = {
+    "SGD": lambda lr: xpoptim.SGD(learning_rate=lr, momentum=0.9),
+    "RMSprop": lambda lr: xpoptim.RMSprop(learning_rate=lr, centered=True),
+    "Adam": lambda lr: xpoptim.Adam(learning_rate=lr),
+    "AdamW": lambda lr: xpoptim.AdamW(learning_rate=lr, amsgrad=True),
+}
+
+
+def _problem(backend: Backend):
+    rng = np.random.default_rng(7)
+    params = {"dense.weights": backend.asarray(rng.normal(size=(3, 2)))}
+    grads = {"dense.weights": backend.asarray(rng.normal(size=(3, 2)))}
+    return params, grads
+
+
+def _warm_state(opt, backend, params, grads):
+    """A state with non-zero buffers, so 'unchanged' is a real check."""
+    state = opt.init(params)
+    params, state = opt.update(params, grads, state)
+    return params, state
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize(
+    ("step", "learning_rate", "error", "message"),
+    [
+        (HUGE, 1e-3, schedules.StepCountError, r"next step number \(state\.step \+ 1.*1329-bit"),
+        (schedules.MAX_COUNT, 1e-3, schedules.StepCountError, "above the largest step count"),
+        (
+            1030,
+            GROWING,
+            schedules.LearningRateError,
+            r"learning_rate at step 1031: ExponentialDecay\(.*\) overflows a float at count 1030",
+        ),
+        (
+            1030,
+            lambda count: 2.0**count,
+            schedules.LearningRateError,
+            r"learning_rate schedule <function .*lambda.*> overflows at step 1031",
+        ),
+    ],
+    ids=["huge-step", "step-past-int64", "overflowing-schedule", "overflowing-callable"],
+)
+def test_update_refuses_before_anything_changes(backend, kind, step, learning_rate, error, message):
+    from conftest import exact_snapshot
+
+    opt = OPTIMIZERS[kind](learning_rate if callable(learning_rate) else 1e-3)
+    params, grads = _problem(backend)
+    params, state = _warm_state(opt, backend, params, grads)
+    state = state._replace(step=step)
+    opt.learning_rate = learning_rate
+    before = exact_snapshot(backend, params, state)
+    grads_before = {k: backend.to_numpy(v).tobytes() for k, v in grads.items()}
+    with pytest.raises(error, match=message):
+        opt.update(params, grads, state)
+    assert exact_snapshot(backend, params, state) == before
+    assert {k: backend.to_numpy(v).tobytes() for k, v in grads.items()} == grads_before
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_the_last_64_bit_step_is_still_a_step(kind):
+    # The bound is exact: state.step = 2**63 - 2 makes update number 2**63 - 1, and
+    # (the bias corrections being 1.0 in float64 from a few thousand steps on) it gives
+    # what the same update gives at step 10**6.
+    opt = OPTIMIZERS[kind](1e-3)
+    params = {"w": np.array([0.5, -1.5, 2.0])}
+    grads = {"w": np.array([0.25, 1.0, -3.0])}
+    results = []
+    for start in (10**6, schedules.MAX_COUNT - 1):
+        state = opt.init(params)._replace(step=start)
+        new_params, new_state = opt.update({"w": params["w"].copy()}, grads, state)
+        assert new_state.step == start + 1
+        results.append(new_params["w"])
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], params["w"])
+
+
+class _Layer:
+    def __init__(self, w, g):
+        self.w, self.g = w, g
+
+    @property
+    def params(self):
+        return {"w": (self.w, self.g)}
+
+
+def _as_json(sd):
+    buffers = {
+        k: {n: np.asarray(a).tolist() for n, a in v.items()} for k, v in sd["buffers"].items()
+    }
+    return json.dumps({**sd, "buffers": buffers}, sort_keys=True)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_step_layers_with_a_huge_loaded_step_changes_nothing(kind, tmp_path):
+    # A state dict saved as JSON, hand-edited to a step no run reaches, then loaded
+    # (main: "OverflowError: int too large to convert to float" from Adam; SGD and
+    # RMSprop went on counting past what any checkpoint can store).
+    opt = OPTIMIZERS[kind](1e-3)
+    layer = _Layer(np.array([0.5, -1.5, 2.0]), np.array([0.25, 1.0, -3.0]))
+    opt.step([layer])
+    path = tmp_path / "state.json"
+    path.write_text(_as_json({**opt.state_dict(), "step": HUGE}))  # the hand edit
+    loaded = json.loads(path.read_text())
+    assert loaded["step"] == HUGE
+    loaded["buffers"] = {
+        k: {n: np.array(a) for n, a in v.items()} for k, v in loaded["buffers"].items()
+    }
+    before = _as_json(opt.state_dict())
+    refused = None
+    try:
+        opt.load_state_dict(loaded)
+    except ValueError as exc:  # refusing it at load time is as good, if nothing changed
+        refused = str(exc)
+    if refused is not None:
+        assert "step" in refused
+        assert _as_json(opt.state_dict()) == before
+        return
+    file_before, w_before = path.read_bytes(), layer.w.tobytes()
+    state_before = _as_json(opt.state_dict())
+    with pytest.raises(schedules.StepCountError, match="above the largest step count"):
+        opt.step([layer])
+    assert layer.w.tobytes() == w_before
+    assert path.read_bytes() == file_before
+    assert _as_json(opt.state_dict()) == state_before

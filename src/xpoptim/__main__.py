@@ -1,16 +1,32 @@
 """Command line of xpoptim.
 
-``python -m xpoptim demo [--backend B] [--steps N] [--out DIR]`` trains a small MLP with
-SGD, RMSprop and Adam; ``python -m xpoptim demo --out-of-core DIR --size 3GB
+``python -m xpoptim demo [--backend B] [--steps N] [--out DIR] [--no-progress]`` trains a
+small MLP with SGD, RMSprop and Adam; ``python -m xpoptim demo --out-of-core DIR --size 3GB
 [--max-memory 1GiB]`` runs Adam out of core on a synthetic parameter set of that size.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
-from ._demo import BACKEND_MODULES, run_demo
+from ._demo import BACKENDS, BackendUnavailable, run_demo
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,11 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo", help="train a small MLP with SGD, RMSprop and Adam and plot the loss curves"
     )
-    demo.add_argument("--backend", default="numpy", choices=sorted(BACKEND_MODULES))
+    demo.add_argument("--backend", default="numpy", choices=sorted(BACKENDS))
     demo.add_argument(
-        "--steps", type=int, default=None, help="steps (default 300; 3 with --out-of-core)"
+        "--steps", type=_at_least(1), default=None, help="steps (default 300; 3 with --out-of-core)"
     )
-    demo.add_argument("--samples", type=int, default=900, help="data set size (default 900)")
+    demo.add_argument(
+        "--samples", type=_at_least(3), default=900, help="data set size (default 900)"
+    )
+    demo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the steps done on stderr (default: when stderr is a terminal)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo-out", help="folder for the PNG (default demo-out)")
     ooc = demo.add_argument_group("out of core (needs xpoptim[dask])")
@@ -47,9 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
         return 0
-    run_demo(
-        args.backend, steps=args.steps or 300, samples=args.samples, seed=args.seed, out=args.out
-    )
+    try:
+        run_demo(
+            args.backend,
+            steps=args.steps or 300,
+            samples=args.samples,
+            seed=args.seed,
+            out=args.out,
+            progress=args.progress,
+        )
+    except BackendUnavailable as exc:
+        print(f"{parser.prog} demo: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

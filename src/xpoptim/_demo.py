@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -22,28 +24,81 @@ from ._compat import Array, Namespace
 from ._execution import updates_in_place
 from ._optimizers import SGD, Adam, Optimizer, RMSprop
 
-#: Backend name -> module whose ``array_namespace`` the demo uses.
-BACKEND_MODULES = {
-    "numpy": "array_api_compat.numpy",
-    "array_api_strict": "array_api_strict",
-    "dask": "array_api_compat.dask.array",
-    "torch": "array_api_compat.torch",
-    "jax": "jax.numpy",
-    "cupy": "array_api_compat.cupy",
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What the demo needs to run on one backend."""
+
+    #: the module that must import (the array library itself)
+    package: str
+    #: the name a user knows the library by, in messages
+    display: str
+    #: how to install it
+    install: str
+    #: the module whose ``array_namespace`` the demo uses
+    namespace: str
+
+
+BACKENDS = {
+    "numpy": BackendSpec("numpy", "numpy", "pip install numpy", "array_api_compat.numpy"),
+    "array_api_strict": BackendSpec(
+        "array_api_strict", "array-api-strict", "pip install array-api-strict", "array_api_strict"
+    ),
+    "dask": BackendSpec(
+        "dask.array", "dask", "pip install 'xpoptim[dask]'", "array_api_compat.dask.array"
+    ),
+    "torch": BackendSpec("torch", "torch", "pip install torch", "array_api_compat.torch"),
+    "jax": BackendSpec("jax.numpy", "jax", "pip install jax", "jax.numpy"),
+    "cupy": BackendSpec(
+        "cupy", "cupy", "pip install 'xpoptim[cuda12]' (CuPy for CUDA 12)", "array_api_compat.cupy"
+    ),
 }
+
+#: Backend name -> module whose ``array_namespace`` the demo uses.
+BACKEND_MODULES = {name: spec.namespace for name, spec in BACKENDS.items()}
+
+
+class BackendUnavailable(ModuleNotFoundError):
+    """The array library of a backend is not installed (or cannot run here).
+
+    The message says what to install: ``torch is not installed: pip install torch``.
+    """
 
 
 def namespace(backend: str) -> Namespace:
-    """The Array API namespace of a backend by name."""
-    if backend not in BACKEND_MODULES:
-        raise ValueError(f"backend must be one of {sorted(BACKEND_MODULES)}, got {backend!r}")
+    """The Array API namespace of a backend by name.
+
+    Raises:
+        ValueError: no such backend.
+        BackendUnavailable: its array library is not installed, cannot be imported, or
+            (CuPy) has no CUDA device to run on; the message says what to do.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    spec = BACKENDS[backend]
+    root = spec.package.split(".")[0]
     try:
-        return importlib.import_module(BACKEND_MODULES[backend])
+        library = importlib.import_module(spec.package)
     except ImportError as exc:
-        raise SystemExit(
-            f"the {backend!r} backend needs {BACKEND_MODULES[backend].split('.')[0]} installed"
-            f" ({exc})"
+        if exc.name in (root, spec.package):
+            raise BackendUnavailable(
+                f"{spec.display} is not installed: {spec.install}", name=exc.name
+            ) from exc
+        # Installed, but something it needs is missing or broken.
+        raise BackendUnavailable(
+            f"{spec.display} is installed but cannot be imported ({exc}): try {spec.install}",
+            name=exc.name,
         ) from exc
+    if backend == "cupy":
+        try:
+            count = library.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDARuntimeError, a missing driver
+            raise BackendUnavailable(
+                f"cupy is installed but no CUDA device is usable ({exc})", name="cupy"
+            ) from exc
+        if count < 1:
+            raise BackendUnavailable("cupy is installed but there is no CUDA device", name="cupy")
+    return importlib.import_module(spec.namespace)
 
 
 def make_data(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +195,52 @@ def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     return threadpool_limits(limits=1, user_api="blas")  # type: ignore[no-any-return]
 
 
+class Progress:
+    """Steps done, on a stream (stderr): one line per optimizer.
+
+    On a terminal the line is rewritten in place, at most ten times a second; elsewhere
+    (a log file, a pipe) a line is printed at each tenth of the run, so a log stays short.
+    """
+
+    def __init__(self, stream: TextIO, *, interactive: bool) -> None:
+        self.stream = stream
+        self.interactive = interactive
+
+    def __call__(self, name: str, total: int) -> Callable[[int, float], None]:
+        """A callback ``report(done, loss)`` for one optimizer's run of ``total`` steps."""
+        start = time.perf_counter()
+        shown = {"at": -1.0, "tenth": -1}
+
+        def report(done: int, loss: float) -> None:
+            now = time.perf_counter()
+            last = done == total
+            line = (
+                f"{name:<8} step {done:>{len(str(total))}}/{total}  "
+                f"loss {loss:.4f}  {now - start:6.1f}s"
+            )
+            if self.interactive:
+                if last or now - shown["at"] >= 0.1:
+                    shown["at"] = now
+                    self.stream.write("\r" + line + ("\n" if last else ""))
+                    self.stream.flush()
+                return
+            tenth = done * 10 // total
+            if tenth != shown["tenth"]:
+                shown["tenth"] = tenth
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+        return report
+
+
+def _progress(progress: bool | None, stream: TextIO) -> Progress | None:
+    """The progress display: on by default when ``stream`` is a terminal."""
+    interactive = stream.isatty()
+    if progress is None:
+        progress = interactive
+    return Progress(stream, interactive=interactive) if progress else None
+
+
 @dataclass
 class Result:
     name: str
@@ -149,7 +250,13 @@ class Result:
 
 
 def train(
-    xp: Namespace, opt: Optimizer, data: tuple[Array, Array, Array], *, steps: int, seed: int
+    xp: Namespace,
+    opt: Optimizer,
+    data: tuple[Array, Array, Array],
+    *,
+    steps: int,
+    seed: int,
+    report: Callable[[int, float], None] | None = None,
 ) -> Result:
     x, onehot, labels = data
     layers = build_model(xp, (2, 64, 64, 3), x.dtype, seed)
@@ -158,7 +265,7 @@ def train(
     state = None
     result = Result(type(opt).__name__)
     start = time.perf_counter()
-    for _ in range(steps):
+    for done in range(1, steps + 1):
         out = x
         for layer in layers:
             out = layer.forward(out)
@@ -166,6 +273,8 @@ def train(
         for layer in reversed(layers):
             grad = layer.backward(grad)
         result.losses.append(float(loss))
+        if report is not None:
+            report(done, result.losses[-1])
         if in_place:
             opt.step(layers)  # the seed's protocol: parameters updated in place
             continue
@@ -217,11 +326,29 @@ def run_demo(
     samples: int = 900,
     seed: int = 0,
     out: str | Path = "demo-out",
+    progress: bool | None = None,
 ) -> list[Result]:
-    """Train the MLP with each optimizer, print a table and save the loss curves as a PNG."""
+    """Train the MLP with each optimizer, print a table and save the loss curves as a PNG.
+
+    Args:
+        backend: one of `BACKENDS`.
+        steps: training steps per optimizer, >= 1.
+        samples: data set size, >= 3 (one point per spiral arm at least).
+        seed: seed of the data and of the initial weights.
+        out: folder for the PNG.
+        progress: show each optimizer's steps on stderr; ``None`` (the default): when
+            stderr is a terminal.
+
+    Raises:
+        ValueError: ``steps`` or ``samples`` is too small, or ``backend`` unknown.
+        BackendUnavailable: the backend's array library is not installed.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if samples < 3:
+        raise ValueError(f"samples must be >= 3 (one per class), got {samples}")
     xp = namespace(backend)
+    show = _progress(progress, sys.stderr)
     x_np, y_np = make_data(samples, 3, seed)
     onehot_np = np.eye(3)[y_np]
     dtype = xp.float32
@@ -237,7 +364,17 @@ def run_demo(
     ]
     print(f"xpoptim demo: backend={backend}, {samples} samples, {steps} steps, float32")
     with _one_blas_thread():
-        results = [train(xp, opt, data, steps=steps, seed=seed) for opt in optimizers]
+        results = [
+            train(
+                xp,
+                opt,
+                data,
+                steps=steps,
+                seed=seed,
+                report=show(type(opt).__name__, steps) if show else None,
+            )
+            for opt in optimizers
+        ]
     print(f"{'optimizer':<10} {'first loss':>10} {'final loss':>10} {'accuracy':>9} {'time':>8}")
     for r in results:
         print(

@@ -12,6 +12,15 @@ With a Python ``int`` count (every backend outside ``jax.jit``), a built-in sche
 returns a Python ``float``, so float32 parameters stay float32; under ``jax.jit`` it
 returns a weakly typed scalar, which does not promote float32 either.
 
+With a Python ``int`` count, a built-in schedule also checks what it computes: a count
+above ``2**63 - 1`` raises [`StepCountError`][], and a value that overflows a float or is
+not a finite number >= 0 raises [`LearningRateError`][] (both name the schedule and the
+count). An optimizer evaluates its learning rate before it changes anything, so on these
+errors its parameters and state are exactly as they were. A value that *underflows* to
+``0.0`` (``ExponentialDecay`` with ``decay_rate < 1``, a few thousand transitions on) is
+accepted, as a learning rate of exactly 0 is (the start of a warmup): it is the limit of
+the decay, and the update then changes only the optimizer's moments.
+
 Built-in schedules serialize to a plain dict ([`Schedule.get_config`][]), which is how
 an optimizer's ``get_config`` stores them; [`deserialize`][] rebuilds them.
 
@@ -36,17 +45,68 @@ from ._compat import array_namespace
 LearningRate = float | Callable[[Any], Any]
 
 __all__ = [
+    "MAX_COUNT",
     "Constant",
     "ExponentialDecay",
     "LearningRate",
+    "LearningRateError",
     "ReduceOnPlateau",
     "Schedule",
+    "StepCountError",
     "StepDecay",
     "WarmupCosineDecay",
     "deserialize",
     "learning_rate_at",
     "serialize",
 ]
+
+
+#: The largest step count accepted: a signed 64-bit integer, which checkpoints, state
+#: dicts and every backend's integer counter can hold (and a float can represent).
+MAX_COUNT = 2**63 - 1
+
+
+class StepCountError(ValueError, OverflowError):
+    """A step count too large to use (above ``MAX_COUNT``, ``2**63 - 1``).
+
+    Such a count does not come from counting steps: it comes from a hand-edited or
+    corrupted state dict, checkpoint or ``state.step``. A subclass of both `ValueError`
+    and `OverflowError` (what a float conversion of the count raised before).
+    """
+
+
+class LearningRateError(ValueError, OverflowError):
+    """A learning rate that cannot be used: a schedule overflowed a float, or gave a
+    negative, infinite or NaN value. The message names the schedule and the step.
+
+    A subclass of both `ValueError` and `OverflowError` (what the overflow raised before).
+    """
+
+
+def _describe_count(count: int) -> str:
+    """A count for a message: its digits, or its size when it has too many to print."""
+    if count.bit_length() <= 128:
+        return str(count)
+    return f"a {count.bit_length()}-bit integer (about 2**{count.bit_length() - 1})"
+
+
+def check_count(count: Any, what: str = "count") -> int:
+    """A Python-integer count (or NumPy integer) as an ``int`` in ``[0, MAX_COUNT]``.
+
+    Raises:
+        StepCountError: the count is above ``MAX_COUNT``.
+        ValueError: the count is negative.
+    """
+    number = int(count)
+    if number < 0:
+        raise ValueError(f"{what} must be >= 0, got {number}")
+    if number > MAX_COUNT:
+        raise StepCountError(
+            f"{what} is {_describe_count(number)}, above the largest step count, 2**63 - 1: "
+            "it cannot come from counting steps (a hand-edited or corrupted state, "
+            "checkpoint or state.step?)"
+        )
+    return number
 
 
 def _min(a: Any, b: Any) -> Any:
@@ -70,13 +130,45 @@ class Schedule:
 
     A schedule is called with ``count``, the number of updates already applied, and
     returns the learning rate of the next update. Subclasses list their constructor
-    arguments in ``_args``; [`get_config`][Schedule.get_config] and [`deserialize`][] use them.
+    arguments in ``_args`` ([`get_config`][Schedule.get_config] and [`deserialize`][] use
+    them) and write their formula in ``_value(count)``; ``__call__`` checks a Python-int
+    count and the value.
     """
 
     _args: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, count: Any) -> Any:
+        """The learning rate after ``count`` updates.
+
+        Raises:
+            StepCountError: ``count`` is a Python integer above ``MAX_COUNT``.
+            LearningRateError: the value overflows a float, or is not a finite number
+                >= 0 (checked when ``count`` is a Python integer; a traced or lazy count
+                cannot be read without a compute).
+            ValueError: ``count`` is a negative integer.
+        """
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            return self._value(count)
+        count = check_count(count, f"the count given to {self!r}")
+        try:
+            value = float(self._value(count))
+        except OverflowError:
+            raise LearningRateError(
+                f"{self!r} overflows a float at count {count}{self._overflow_hint()}"
+            ) from None
+        if not (math.isfinite(value) and value >= 0.0):
+            raise LearningRateError(
+                f"{self!r} gives {value!r} at count {count}{self._overflow_hint()}"
+            )
+        return value
+
+    def _value(self, count: Any) -> Any:
+        """The schedule's formula, for a Python int or an array ``count``."""
         raise NotImplementedError
+
+    def _overflow_hint(self) -> str:
+        """What to change when the value overflows (empty when nothing helps)."""
+        return ""
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, with ``"schedule"`` naming the class."""
@@ -107,7 +199,7 @@ class Constant(Schedule):
     def __init__(self, value: float) -> None:
         self.value = check.positive(value, "value")
 
-    def __call__(self, count: Any) -> Any:
+    def _value(self, count: Any) -> Any:
         return self.value
 
 
@@ -131,7 +223,7 @@ class StepDecay(Schedule):
         if self.gamma > 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
 
-    def __call__(self, count: Any) -> Any:
+    def _value(self, count: Any) -> Any:
         return self.init_value * self.gamma ** (count // self.step_size)
 
 
@@ -140,6 +232,12 @@ class ExponentialDecay(Schedule):
 
     ``lr(count) = init_value * decay_rate ** (count / transition_steps)``, with
     ``count // transition_steps`` instead when ``staircase``.
+
+    With ``decay_rate < 1`` the rate tends to 0 and, once below the smallest float
+    (about ``1e-308``), is exactly ``0.0``: accepted, as the limit of the decay (the
+    updates then change only the optimizer's moments), like optax. With ``decay_rate > 1``
+    the rate grows; at the count where it passes the largest float, calling the schedule
+    raises [`LearningRateError`][], naming the schedule and the count, before any update.
 
     Args:
         init_value: the learning rate at count 0, > 0.
@@ -165,12 +263,20 @@ class ExponentialDecay(Schedule):
             raise TypeError(f"staircase must be a bool, got {staircase!r}")
         self.staircase = staircase
 
-    def __call__(self, count: Any) -> Any:
+    def _value(self, count: Any) -> Any:
         if self.staircase:
             exponent = count // self.transition_steps
         else:
             exponent = count / self.transition_steps
         return self.init_value * self.decay_rate**exponent
+
+    def _overflow_hint(self) -> str:
+        if self.decay_rate > 1.0:
+            return (
+                f": with decay_rate={self.decay_rate!r} > 1 the rate grows without bound; "
+                "use decay_rate <= 1, or a schedule that stops growing"
+            )
+        return ""
 
 
 class WarmupCosineDecay(Schedule):
@@ -213,7 +319,7 @@ class WarmupCosineDecay(Schedule):
             )
         self.end_value = check.non_negative(end_value, "end_value")
 
-    def __call__(self, count: Any) -> Any:
+    def _value(self, count: Any) -> Any:
         warmup, span = self.warmup_steps, self.decay_steps - self.warmup_steps
         peak = self.peak_value
         # Warmup phase: the fraction is 1 (so the value is peak) once count >= warmup.
@@ -306,7 +412,7 @@ class ReduceOnPlateau(Schedule):
             self.bad_observations = 0
         return self.value
 
-    def __call__(self, count: Any) -> Any:
+    def _value(self, count: Any) -> Any:
         return self.value
 
 
@@ -359,18 +465,36 @@ def learning_rate_at(learning_rate: Any, count: Any) -> Any:
     or 0-d array result cannot promote float32 parameters) and checked to be finite and
     >= 0. When ``count`` is traced (``jax.jit``), the result is returned as it is.
 
+    A Python-int ``count`` is checked first, whatever the learning rate: the update it
+    leads to, number ``count + 1``, must be at most ``MAX_COUNT``. Optimizers call this
+    before they compute anything else of the step (Adam's bias corrections included),
+    so these errors leave parameters and state as they were.
+
     Raises:
-        ValueError: the schedule gave a negative or non-finite learning rate.
+        StepCountError: ``count + 1`` is above ``MAX_COUNT`` (a state whose step was
+            loaded from a hand-edited or corrupted file, say).
+        LearningRateError: the schedule overflowed, or gave a negative or non-finite
+            learning rate; the message names the schedule and the step.
     """
+    if isinstance(count, numbers.Integral):
+        count = check_count(count + 1, "the next step number (state.step + 1, or opt.t + 1)") - 1
     if not callable(learning_rate):
         return float(learning_rate)
-    value = learning_rate(count)
-    if isinstance(count, numbers.Integral):
-        number = float(value)
-        if not (math.isfinite(number) and number >= 0.0):
-            raise ValueError(
-                f"learning_rate schedule gave {number!r} at count {count}; "
-                "a finite value >= 0 is needed"
-            )
-        return number
-    return value
+    if not isinstance(count, numbers.Integral):
+        return learning_rate(count)
+    step = count + 1
+    try:
+        number = float(learning_rate(count))
+    except LearningRateError as exc:
+        raise LearningRateError(f"learning_rate at step {step}: {exc}") from None
+    except OverflowError as exc:
+        raise LearningRateError(
+            f"learning_rate schedule {learning_rate!r} overflows at step {step} "
+            f"(count {count}): {exc}"
+        ) from None
+    if not (math.isfinite(number) and number >= 0.0):
+        raise LearningRateError(
+            f"learning_rate schedule gave {number!r} at count {count} (step {step}); "
+            f"a finite value >= 0 is needed from {learning_rate!r}"
+        )
+    return number
