@@ -79,14 +79,15 @@ class StepPlan:
             for name, pair in zip(names, params.items(), strict=True):
                 if pair[0] != name or type(pair[1]) not in (tuple, list) or len(pair[1]) != 2:
                     return None
-                p: Any = pair[1][0]
-                g: Any = pair[1][1]
+                p, g = pair[1]
+                planned_p = self.params[len(out)]()
+                if planned_p is None or p is not planned_p:
+                    return None
                 if (
-                    p is not self.params[len(out)]()
-                    or type(g) is not np.ndarray
-                    or g.shape != p.shape
-                    or g.dtype != p.dtype
-                    or not p.flags.writeable
+                    type(g) is not np.ndarray
+                    or g.shape != planned_p.shape
+                    or g.dtype != planned_p.dtype
+                    or not planned_p.flags.writeable
                 ):
                     return None
                 out.append(g)
