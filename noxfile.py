@@ -152,6 +152,15 @@ BENCH_DEPS = [
 
 
 @nox.session(default=False)
+def bench_gpu(session: nox.Session) -> None:
+    """One 1e8 Adam step on a CUDA GPU: xpoptim's CuPy kernel against torch.optim on CUDA."""
+    if reason := cuda_device_reason():
+        session.skip(reason)
+    session.install(".[cuda12]", "torch")
+    session.run("python", "benchmarks/bench_gpu.py", *session.posargs)
+
+
+@nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Time one step against the seed, torch.optim and optax: ``nox -s bench [-- --quick]``."""
     session.install(".", *BENCH_DEPS)

@@ -42,7 +42,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     result = bench.main(
         [
             *("--big", "3000", "--small-count", "6", "--small-total", "600"),
-            *("--repeats", "2", "--json", str(out), "--plot", str(png)),
+            *("--repeats", "2", "--json", str(out), "--plot", str(png), "--quick"),
         ]
     )
     printed = capsys.readouterr().out
@@ -52,7 +52,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["sizes"] == {"big": 3000, "small": [6, 600]}
     rows = {(r["case"], r["optimizer"], r["impl"]): r for r in saved["rows"]}
-    assert len(rows) == 2 * len(bench.OPTIMIZERS) * len(bench.IMPLS)
+    assert len(rows) == 3 * len(bench.OPTIMIZERS) * len(bench.IMPLS)
     for key, row in rows.items():
         if "unavailable" in row:
             assert not key[2].startswith(("xpoptim", "numpy")), row
@@ -66,10 +66,14 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
         assert "numpy copy" in row["bandwidth_gbps"]
     assert {(e["case"], e["optimizer"], e["impl"]) for e in result["ratios"]} == {
         (case, kind, impl)
-        for case in ("big", "small")
+        for case in ("big", "small", "mlp")
         for kind in bench.OPTIMIZERS
         for impl in bench.XPOPTIM
     }
+    assert "first step in a fresh process" in printed
+    for seconds in saved["compile"].values():
+        assert seconds["cold first step"] > 0
+        assert seconds["warm kernels"] <= seconds["cold kernels"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 1000
 
