@@ -498,3 +498,34 @@ def test_without_numba_numpy_steps_on_the_blocked_path_with_the_reason():
     how = xpoptim.explain()["big.weights"]
     assert how.path == "blocked"
     assert "numba is not installed" in how.reason
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: xpoptim.transforms.Clipped(xpoptim.Adam(), max_norm=0.5, max_global_norm=2.0),
+        lambda: xpoptim.transforms.MultiSteps(xpoptim.RMSprop(centered=True), every_k=2),
+        lambda: xpoptim.transforms.ParamGroups(
+            xpoptim.SGD(momentum=0.9), [{"params": ["small"], "learning_rate": 0.5}]
+        ),
+        lambda: xpoptim.Adam(nonfinite="skip"),
+    ],
+    ids=["clipped", "multisteps", "paramgroups", "nonfinite-skip"],
+)
+def test_wrappers_and_policies_step_compiled_with_the_plain_paths_bits(make):
+    params, grads = problem(np.float32)
+    grads = grads * 2  # MultiSteps: three updates of two micro-batches
+    outs = []
+    for options in ({"fast": True}, {"fast": False}):
+        with xpoptim.execution_options(**options):
+            opt = make()
+            p = {k: v.copy() for k, v in params.items()}
+            state = opt.init(p)
+            for g in grads:
+                p, state = opt.update(p, g, state)
+        outs.append(p)
+        if options["fast"]:
+            assert {xpoptim.explain()[name].path for name in params} == {"compiled"}
+    for name in params:
+        assert bits(outs[0][name]) == bits(outs[1][name]), name

@@ -118,6 +118,11 @@ def run_rule(
     scalars = {name: per_param(name) for name in names}
     columns = [list(params.values()), *[[buffers[name] for name in names] for buffers in state]]
     gradients = [grads[name] for name in names]
+    if not _plain(gradients):
+        # NumPy arithmetic on 0-d arrays gives NumPy scalars (a clipped 0-d gradient):
+        # read-only 0-d arrays of the same value, for the fast paths.
+        gradients = [np.asarray(g) if isinstance(g, np.generic) else g for g in gradients]
+        grads = dict(zip(names, gradients, strict=True))
     if options.fast and all(_plain(column) for column in (gradients, *columns)):
         # The common case, every array a NumPy array: column-wise bookkeeping.
         # Read-only inputs are updated on a private copy (same memory layout).
