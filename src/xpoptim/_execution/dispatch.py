@@ -30,7 +30,7 @@ from .._compat import Array, Namespace
 from . import blocked
 from .blocked import Item
 from .compiled import accelerated, numpy_path
-from .compiled.kernels import NoKernel
+from .compiled.kernels import NoKernel, elementwise
 from .options import ExecutionOptions, current_options
 from .plain import apply_rule
 
@@ -51,6 +51,7 @@ class StepPath:
 
 
 _COMPILED = StepPath("compiled")
+_NOT_COMPILED = NoKernel("compile=False")
 _local = threading.local()
 
 
@@ -168,11 +169,17 @@ def _run_numpy(
     xp: Namespace,
 ) -> None:
     """Step NumPy ``items`` in place: compiled where possible, then blocked, then plain."""
-    if not options.compile:
-        blocked.run(rule, items, shared, options, xp)
-        _record([item.name for item in items], StepPath("blocked", "compile=False"))
-        return
-    reasons = numpy_path.run(rule, items, shared, options)
+    if options.compile:
+        reasons = numpy_path.run(rule, items, shared, options)
+    else:
+        reasons = {}
+        seen: dict[Any, NoKernel] = {}
+        for position, item in enumerate(items):
+            key = tuple(item.scalars.items())
+            if key not in seen:
+                refusal = elementwise(rule, len(item.arrays) + 1, {**shared, **item.scalars})
+                seen[key] = refusal or _NOT_COMPILED
+            reasons[position] = seen[key]
     _record([item.name for i, item in enumerate(items) if i not in reasons], _COMPILED)
     rest = []
     for position, refusal in reasons.items():

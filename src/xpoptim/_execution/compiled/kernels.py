@@ -160,6 +160,9 @@ def numba_kernel(
         dtype: the dtype of every array (parameter, gradient and state share it).
         scalars: the hyperparameters of this call, Python numbers.
     """
+    refusal = elementwise(rule, roles, scalars)
+    if refusal is not None:
+        return refusal
     if NUMBA_MISSING is not None:
         return NoKernel(NUMBA_MISSING)
     if np.dtype(dtype).kind != "f":
@@ -189,6 +192,30 @@ def numba_kernel(
         existing = _KERNELS.get(key)
         _KERNELS[key] = [*(existing if isinstance(existing, list) else []), kernel]
         return kernel
+
+
+_TRACED: dict[Hashable, NoKernel | None] = {}
+
+
+def elementwise(
+    rule: Callable[..., Any], roles: int, scalars: Mapping[str, Any]
+) -> NoKernel | None:
+    """None if ``rule`` traces (it is elementwise, so it may also run in blocks), else why
+    it does not (it must then see whole arrays: the plain path).
+
+    Needs no numba: the blocked path asks too, so that a reduction never runs per block.
+    """
+    key = (rule, roles, tuple((name, type(value), bool(value)) for name, value in scalars.items()))
+    if key not in _TRACED:
+        try:
+            trace(rule, roles, scalars)
+        except Untraceable as exc:
+            refusal = untraceable(rule, exc)
+            LOG.debug("xpoptim: %s; it runs on the plain path", refusal.reason)
+            _TRACED[key] = refusal
+        else:
+            _TRACED[key] = None
+    return _TRACED[key]
 
 
 def untraceable(rule: Callable[..., Any], exc: Untraceable) -> NoKernel:
