@@ -612,7 +612,13 @@ class OutOfCore:
             destinations.extend(targets[key] for key in (f"params/{n}", *self._field_keys(n)))
         stored = da.store(sources, destinations, lock=False, compute=False)
         workers = num_workers or self.num_workers
-        self._compute(stored, client, progress=_progress_default(progress), num_workers=workers)
+        try:
+            self._compute(stored, client, progress=_progress_default(progress), num_workers=workers)
+        except BaseException:
+            # A corrupt chunk, a NaN with nonfinite="raise", an interrupt: nothing is
+            # committed, and the partial v{k+1} goes now rather than at the next step.
+            shutil.rmtree(self.directory / new_version, ignore_errors=True)
+            raise
         _phase("stored")
         flush_start = time.perf_counter()
         _fsync_tree(self.directory / new_version, workers or os.cpu_count() or 1)

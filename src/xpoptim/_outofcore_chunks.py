@@ -14,6 +14,7 @@ Imports Zarr: load it only when the store is used.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import os
@@ -22,12 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
 from ._outofcore_layout import StoreError
+
+# Zarr's own CRC-32C implementation (a dependency of zarr), untyped.
+google_crc32c: Any = importlib.import_module("google_crc32c")
 
 #: The bytes-to-bytes codecs of every array: no compression (float state barely
 #: compresses and it costs time on every step), a CRC-32C checksum per chunk.
@@ -40,7 +43,7 @@ class CorruptChunkError(StoreError):
     """A chunk of a committed array is missing or fails its checksum."""
 
 
-class CheckedStore(zarr.storage.LocalStore):  # type: ignore[misc]
+class CheckedStore(zarr.storage.LocalStore):  # type: ignore[misc,unused-ignore]
     """A Zarr ``LocalStore`` whose chunk reads fail loudly instead of reading zeros.
 
     A chunk key (``.../c/i/j``) whose file is missing raises `CorruptChunkError` instead

@@ -259,7 +259,8 @@ def read_pointer(directory: Path, meta: Mapping[str, Any] | None = None) -> dict
 
 def nbytes(meta: Mapping[str, Any]) -> int:
     """Bytes of one array of this description."""
-    return math.prod(meta["shape"]) * {"float16": 2, "float32": 4, "float64": 8}[meta["dtype"]]
+    itemsize: int = {"float16": 2, "float32": 4, "float64": 8}[meta["dtype"]]
+    return int(math.prod(meta["shape"])) * itemsize
 
 
 # -- what a directory holds: overwrite only a store -------------------------------------------
