@@ -101,8 +101,8 @@ def test_overwrite_refuses_a_directory_that_only_looks_like_a_store(tmp_path, ro
     assert everything(folder) == before
 
 
-def test_overwrite_replaces_a_store_and_only_a_store(stepped, tmp_path):
-    store, params, grads = stepped
+def test_overwrite_replaces_a_store_and_only_a_store(stepped):
+    store, params, _ = stepped
     new = {k: v + 1 for k, v in params.items()}
     fresh = xpoptim.OutOfCore.create(
         store.directory, xpoptim.SGD(), new, chunks=CHUNKS, overwrite=True
