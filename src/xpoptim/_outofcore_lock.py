@@ -8,9 +8,10 @@ process) is refused at once with a `StoreError`; it never waits, and never write
 
 The kernel drops the lock when the file is closed, which happens when its process ends
 however it ends (SIGKILL, power loss aside): a killed writer never wedges the store, and
-there is nothing to clean up. The lock file itself stays; it holds the last writer's
-process id, for the error message only. A process forked (not spawned) while a step
-runs shares the open file, and so the lock, until it exits.
+there is nothing to clean up. The lock file itself stays, empty, and is never written:
+the holder's process id in the error message comes from ``/proc/locks`` (Linux). A
+process forked (not spawned) while a step runs shares the open file, and so the lock,
+until it exits.
 """
 
 from __future__ import annotations
@@ -48,20 +49,24 @@ def writer_lock(directory: Path) -> Iterator[None]:
                     "out-of-core store takes one writer at a time, so nothing was changed; "
                     "wait for it to finish or stop it (a killed writer releases the lock)"
                 ) from None
-            pid = f"{os.getpid()}\n".encode()
-            if os.pread(fd, 64, 0) != pid:  # unchanged (mtime too) when this process wrote it
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, pid, 0)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
 def _holder(fd: int) -> str:
+    """Who holds the flock on ``fd``'s file, from ``/proc/locks`` (Linux only)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        pid = ""
-    if not pid.isdigit():
-        return "process id unknown"
-    return f"process {pid}" + (", this process" if int(pid) == os.getpid() else "")
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields and key in fields:
+            pid = fields[fields.index(key) - 1]
+            if pid.isdigit():
+                return f"process {pid}" + (", this process" if int(pid) == os.getpid() else "")
+    return "process id unknown"
