@@ -374,6 +374,7 @@ class OutOfCore:
                 num_workers=num_workers,
             )
             _fsync_tree(directory / "v0", num_workers or os.cpu_count() or 1)
+            fsync_path(directory / layout.ROOT_META)  # the store's description
             fsync_path(directory)  # the entries v0 and zarr.json, before the pointer names v0
             store._commit(0, "v0")
         return store
