@@ -27,7 +27,6 @@ da = pytest.importorskip("dask.array", reason="the out-of-core optimizer needs d
 zarr = pytest.importorskip("zarr", reason="the out-of-core optimizer needs zarr (.[dask])")
 
 import xpoptim  # noqa: E402
-
 from test_outofcore import CHUNKS, problem  # noqa: E402
 
 
@@ -66,7 +65,8 @@ def check_commit_order(calls: Recorder, directory: Path, version: str) -> None:
     assert len(commits) == 1, calls.calls
     commit = commits[0]
     tmp = calls.calls[commit][1]
-    assert Path(tmp).parent == directory and tmp.endswith(".tmp")
+    assert Path(tmp).parent == directory
+    assert tmp.endswith(".tmp")
     # 2. the temporary pointer's data is durable before the rename
     assert calls.index_of_fsync(Path(tmp), before=commit) >= 0, "pointer data not fsynced"
     # 1. every file and directory of the new version, and the store directory, before it
@@ -82,9 +82,7 @@ def check_commit_order(calls: Recorder, directory: Path, version: str) -> None:
     assert calls.index_of_fsync(directory, after=commit) > commit, "rename not made durable"
 
 
-def test_create_flushes_everything_then_commits_then_flushes_the_directory(
-    tmp_path, monkeypatch
-):
+def test_create_flushes_everything_then_commits_then_flushes_the_directory(tmp_path, monkeypatch):
     params, _ = problem(np.float32, 0)
     calls = Recorder(monkeypatch)
     xpoptim.OutOfCore.create(tmp_path / "s", xpoptim.Adam(), params, chunks=CHUNKS)
