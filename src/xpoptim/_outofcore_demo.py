@@ -413,10 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="hard cap on this process's address space (RLIMIT_AS), e.g. 1GiB",
     )
     args = parser.parse_args(argv)
-    return run_cli(parser, args.directory, args.size, args)
+    return run_cli(parser, args.directory, args.size, args, samples=args.samples)
 
 
-def run_cli(parser: argparse.ArgumentParser, directory: str, size: int, args: Any) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser, directory: str, size: int, args: Any, *, samples: int = 8
+) -> int:
     """Run the demo for a command line: a missing dependency or a directory the demo
     may not use ends in a one-line error (exit status 1), not a traceback."""
     from ._outofcore import MissingDependencyError
@@ -432,7 +434,7 @@ def run_cli(parser: argparse.ArgumentParser, directory: str, size: int, args: An
             steps=args.steps or 3,
             chunk_bytes=args.chunk_size,
             num_workers=args.threads,
-            samples=getattr(args, "samples", 8),
+            samples=samples,
             seed=getattr(args, "seed", 0),
             progress=args.progress,
         )
