@@ -427,3 +427,15 @@ def test_a_failed_step_leaves_every_file_as_it_was(tmp_path):
     assert_store_equals(store, *in_memory(opt, params, grads)[-1])
     assert set(SHAPES) == set(store.names)
     assert sorted(snapshot(store.directory))[-2:] == ["xpoptim.lock", "zarr.json"]
+
+
+def test_reconfigure_to_other_state_buffers_is_refused_at_open(tmp_path):
+    store = xpoptim.OutOfCore.create(tmp_path / "s", xpoptim.RMSprop(), {"w": np.ones(4)})
+    before = everything(store.directory)
+    with pytest.raises(
+        xpoptim.StoreError,
+        match=r"holds the state \['cache'\], but this optimizer keeps \['cache', "
+        r"'momentum_buffer'\]",
+    ):
+        xpoptim.OutOfCore.open(store.directory, xpoptim.RMSprop(momentum=0.9), reconfigure=True)
+    assert everything(store.directory) == before

@@ -94,8 +94,8 @@ def _lazy(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        top = module.split(".")[0]
-        if exc.name is None or exc.name.split(".")[0] not in ("dask", "zarr", "distributed"):
+        top = (exc.name or "").split(".")[0]
+        if top not in ("dask", "zarr", "distributed", "google_crc32c"):
             raise
         raise MissingDependencyError(
             f"the out-of-core store needs {top} ({exc.name} is not installed): "
@@ -227,7 +227,12 @@ class OutOfCore:
         meta = layout.read_meta(self.directory, _OPTIMIZERS)
         self._arrays: dict[str, dict[str, Any]] = meta["arrays"]
         self._fields: list[str] = meta["fields"]
-        self.note: str | None = meta.get("note")
+        if self._fields != list(optimizer._buffer_fields()):
+            raise StoreError(
+                f"{self.directory} holds the state {self._fields}, but this optimizer keeps "
+                f"{list(optimizer._buffer_fields())}: a store cannot change which state "
+                "buffers its optimizer has (e.g. RMSprop's momentum or centered)"
+            )
 
     # -- construction --------------------------------------------------------------------
 
