@@ -1,11 +1,10 @@
 """The out-of-core demo and its command line: never deletes what it did not create,
-usage errors instead of tracebacks, a clear message without Dask, progress bars on a
-terminal (issue 10)."""
+usage errors instead of tracebacks, progress bars on a terminal (issue 10). Without
+Dask: ``test_outofcore_nodask.py``."""
 
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 from pathlib import Path
 
@@ -92,23 +91,6 @@ def test_a_bad_size_is_a_usage_error(tmp_path, capsys, size, entry):
     err = capsys.readouterr().err
     assert f"argument --size: size {size!r}: expected a positive number" in err
     assert "e.g. 3GB or 512MiB" in err
-    assert not (tmp_path / "d").exists()
-
-
-def test_without_dask_the_demo_says_what_to_install(tmp_path):
-    """A real interpreter in which dask and zarr cannot be imported."""
-    code = (
-        "import sys; sys.modules['dask'] = None; sys.modules['zarr'] = None\n"
-        "from xpoptim.__main__ import main\n"
-        f"sys.exit(main(['demo', '--out-of-core', {str(tmp_path / 'd')!r}, '--size', '2MB']))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stderr
-    assert "the out-of-core store needs dask" in result.stderr
-    assert "pip install 'xpoptim[dask]'" in result.stderr
     assert not (tmp_path / "d").exists()
 
 
