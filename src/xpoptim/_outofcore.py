@@ -359,8 +359,15 @@ class OutOfCore:
         if note is not None:
             meta["note"] = note
         with writer_lock(directory):
-            # Again under the lock: what is there now is what gets replaced.
-            layout.clear_store(directory, layout.check_replaceable(directory))
+            # Again under the lock: what is there now is what gets replaced (another
+            # process may have created a store since the check above).
+            existing = layout.check_replaceable(directory)
+            if existing and not overwrite:
+                raise FileExistsError(
+                    f"{directory} already holds an xpoptim out-of-core store; pass "
+                    "overwrite=True to replace it"
+                )
+            layout.clear_store(directory, existing)
             # Not mode="w": Zarr would empty the directory, the lock file included.
             zarr.create_group(zarr.storage.LocalStore(directory), attributes={"xpoptim": meta})
             store = cls(directory, optimizer, num_workers)
