@@ -311,9 +311,12 @@ class OutOfCore:
         client: Any,
         progress: bool | None,
         note: str | None,
+        state: Mapping[str, Mapping[str, Any]] | None = None,
+        step: int = 0,
     ) -> OutOfCore:
         """`create`, recording ``note`` in the store's description (the demo marks the
-        stores it made, so that it replaces only those)."""
+        stores it made, so that it replaces only those); with ``state`` (field -> name
+        -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
         if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
             raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
         _check_policy(optimizer)
@@ -371,25 +374,119 @@ class OutOfCore:
             # Not mode="w": Zarr would empty the directory, the lock file included.
             zarr.create_group(zarr.storage.LocalStore(directory), attributes={"xpoptim": meta})
             store = cls(directory, optimizer, num_workers)
-            targets = store._create_version("v0")
+            version = f"v{step}"
+            targets = store._create_version(version)
             # Every chunk is written, the zero state included: a missing chunk is an error.
             values = list(sources.values())
             destinations = [targets[f"params/{n}"] for n in sources]
             for n, x in sources.items():
-                for key in store._field_keys(n):
-                    values.append(da.zeros(x.shape, dtype=x.dtype, chunks=x.chunks))
-                    destinations.append(targets[key])
+                for field in fields:
+                    if state is None:
+                        values.append(da.zeros(x.shape, dtype=x.dtype, chunks=x.chunks))
+                    else:
+                        values.append(state[field][n])
+                    destinations.append(targets[f"{field}/{n}"])
             store._compute(
                 da.store(values, destinations, lock=False, compute=False),
                 client,
                 progress=_progress_default(progress),
                 num_workers=num_workers,
             )
-            _fsync_tree(directory / "v0", num_workers or os.cpu_count() or 1)
+            _fsync_tree(directory / version, num_workers or os.cpu_count() or 1)
             fsync_path(directory / layout.ROOT_META)  # the store's description
             fsync_path(directory)  # the entries v0 and zarr.json, before the pointer names v0
-            store._commit(0, "v0")
+            store._commit(step, version)
         return store
+
+    @classmethod
+    def upgrade(
+        cls,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        num_workers: int | None = None,
+        progress: bool | None = None,
+    ) -> OutOfCore:
+        """Copy a format-version-1 store (no chunk checksums) into a new store.
+
+        The committed step of ``source`` (parameters, state, step count, optimizer
+        config) is written to ``destination`` as a store of this version, checksummed;
+        ``source`` is only read, and can be deleted once the new store is checked.
+        Version 1 could not detect a corrupt chunk: the copy is only as good as the
+        data it read. Every chunk version 1 wrote must be present (all but the zero
+        state of step 0, which it left as Zarr's fill value).
+
+        Args:
+            source: a store written by an xpoptim of format version 1.
+            destination: a new or empty directory (not ``source``).
+            num_workers: threads for the copy and the new store's steps.
+            progress: show a progress bar; None: where stderr is a terminal.
+
+        Returns:
+            The new store, at the step ``source`` had committed.
+
+        Raises:
+            StoreError: ``source`` is not a complete version 1 store (a missing chunk
+                included), or ``destination`` is not new or empty.
+        """
+        da, zarr = _lazy("dask.array"), _lazy("zarr")
+        integrity = _lazy("xpoptim._outofcore_chunks")
+
+        source, destination = Path(source), Path(destination)
+        if destination.resolve() == source.resolve():
+            raise ValueError("upgrade writes a new store: destination must not be source")
+        if destination.is_dir() and any(e.name != LOCK for e in destination.iterdir()):
+            raise StoreError(f"{destination} is not empty: upgrade writes a new store")
+        meta = layout.read_meta(source, _OPTIMIZERS, version=1)
+        pointer = layout.read_pointer(source, version=1)
+        kind, fields, arrays = meta["optimizer"], meta["fields"], meta["arrays"]
+        try:
+            optimizer = _OPTIMIZERS[kind].from_config(dict(pointer["optimizer"]))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(
+                f"{source / POINTER} holds an optimizer config that {kind} refuses: {exc}"
+            ) from exc
+        if fields != list(optimizer._buffer_fields()):
+            raise StoreError(f"{source} holds the state {fields}, but {kind} keeps others")
+        step, version = pointer["step"], pointer["version"]
+        keys = {f"params/{n}": m for n, m in arrays.items()}
+        if step > 0:
+            keys.update({f"{f}/{n}": m for f in fields for n, m in arrays.items()})
+        integrity.check_chunks_present(source / version, keys)
+        reader = zarr.storage.LocalStore(source, read_only=True)
+
+        def load(key: str) -> Any:
+            where = f"{source}/{version}/{key}"
+            try:
+                a = zarr.open_array(reader, path=f"{version}/{key}", mode="r")
+            except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
+                raise StoreError(f"the committed array {where} is missing: {exc}") from exc
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise StoreError(f"the metadata of {where} is damaged: {exc}") from exc
+            want = keys.get(key, arrays[key.split("/", 1)[1]])
+            got = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+            if got != want:
+                raise StoreError(f"the committed array {where} is {got}, the store says {want}")
+            return da.from_zarr(a)
+
+        params = {n: load(f"params/{n}") for n in arrays}
+        state = None
+        if step > 0:
+            state = {f: {n: load(f"{f}/{n}") for n in arrays} for f in fields}
+        return cls._create(
+            destination,
+            optimizer,
+            params,
+            chunks={n: tuple(m["chunks"]) for n, m in arrays.items()},
+            chunk_bytes=DEFAULT_CHUNK_BYTES,
+            overwrite=False,
+            num_workers=num_workers,
+            client=None,
+            progress=progress,
+            note=None,
+            state=state,
+            step=step,
+        )
 
     @classmethod
     def open(

@@ -148,13 +148,20 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_meta(directory: Path, optimizers: Iterable[str], *, any_version: bool = False) -> Any:
+def read_meta(
+    directory: Path,
+    optimizers: Iterable[str],
+    *,
+    any_version: bool = False,
+    version: int = FORMAT_VERSION,
+) -> Any:
     """The store's description (root group attribute ``xpoptim``), fully checked.
 
     Args:
         directory: the store.
         optimizers: the optimizer type names this xpoptim can step.
-        any_version: accept another format version (to recognise a store to overwrite).
+        any_version: accept any format version (to recognise a store to overwrite).
+        version: the format version expected (1: a store to upgrade).
 
     Raises:
         StoreError: not a store, another format version, or a malformed description.
@@ -172,19 +179,18 @@ def read_meta(directory: Path, optimizers: Iterable[str], *, any_version: bool =
         raise StoreError(f"{directory} is a Zarr group but not an xpoptim out-of-core store")
     if any_version:
         return meta
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION or not _is_int(version):
+    found = meta.get("format_version")
+    if found != version or not _is_int(found):
         hint = ""
-        if version == 1:
+        if found == 1 and version == FORMAT_VERSION:
             hint = (
                 " (version 1 stores have no chunk checksums, so their data cannot be "
-                "verified: read them with the xpoptim that wrote them, or with zarr "
-                "directly, and create a new store from the arrays with OutOfCore.create; "
-                "or create it again with overwrite=True)"
+                "verified: copy it into a new store of this version with "
+                "xpoptim.OutOfCore.upgrade(old_directory, new_directory))"
             )
         raise StoreError(
-            f"{directory} has out-of-core format version {version!r}; "
-            f"this xpoptim reads version {FORMAT_VERSION}{hint}"
+            f"{directory} has out-of-core format version {found!r}; "
+            f"this xpoptim reads version {version}{hint}"
         )
     if meta.get("optimizer") not in set(optimizers):
         raise StoreError(f"{directory} holds an unknown optimizer {meta.get('optimizer')!r}")
@@ -223,8 +229,12 @@ def _meta_problem(meta: Mapping[str, Any]) -> str | None:
     return None
 
 
-def read_pointer(directory: Path, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def read_pointer(directory: Path, *, version: int = FORMAT_VERSION) -> dict[str, Any]:
     """The commit pointer, fully checked: step, version and optimizer config.
+
+    Args:
+        directory: the store.
+        version: the format version expected (1: a store to upgrade).
 
     Raises:
         StoreError: missing (creation did not finish), not JSON, or malformed.
@@ -239,19 +249,19 @@ def read_pointer(directory: Path, meta: Mapping[str, Any] | None = None) -> dict
         ) from exc
     if not isinstance(pointer, dict):
         raise StoreError(f"{path} must hold a JSON object, not {type(pointer).__name__}")
-    if pointer.get("format") != FORMAT or pointer.get("format_version") != FORMAT_VERSION:
+    if pointer.get("format") != FORMAT or pointer.get("format_version") != version:
         raise StoreError(
-            f"{path} is not an xpoptim out-of-core pointer of format version {FORMAT_VERSION}: "
+            f"{path} is not an xpoptim out-of-core pointer of format version {version}: "
             f"format {pointer.get('format')!r}, version {pointer.get('format_version')!r}"
         )
     missing = sorted({"step", "version", "optimizer"} - set(pointer))
     if missing:
         raise StoreError(f"{path} is missing {missing}: it was edited or damaged")
-    step, version, config = pointer["step"], pointer["version"], pointer["optimizer"]
+    step, name, config = pointer["step"], pointer["version"], pointer["optimizer"]
     if not _is_int(step) or step < 0:
         raise StoreError(f"{path}: 'step' must be a non-negative integer, got {step!r}")
-    if version != f"v{step}":
-        raise StoreError(f"{path}: 'version' must be 'v{step}' for step {step}, got {version!r}")
+    if name != f"v{step}":
+        raise StoreError(f"{path}: 'version' must be 'v{step}' for step {step}, got {name!r}")
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise StoreError(f"{path}: 'optimizer' must be a JSON object, got {config!r}")
     return pointer
