@@ -212,7 +212,7 @@ def test_a_store_without_checksums_is_refused_with_a_way_out(stepped):
     with pytest.raises(
         xpoptim.StoreError,
         match=r"format version 1; this xpoptim reads version 2 \(version 1 stores have no "
-        r"chunk checksums.*OutOfCore.create",
+        r"chunk checksums.*xpoptim.OutOfCore.upgrade\(old_directory, new_directory\)",
     ):
         xpoptim.OutOfCore.open(store.directory)
     assert everything(store.directory) == before
