@@ -216,10 +216,17 @@ def elementwise(
 
     Needs no numba: the blocked path asks too, so that a reduction never runs per block.
     """
-    key = (rule, roles, tuple((name, type(value), bool(value)) for name, value in scalars.items()))
+    # Only numbers are read: a lazy or traced scalar (a Dask or JAX 0-d array) would be
+    # computed by bool(). Whether a rule is elementwise does not depend on such values, so
+    # it is traced with a stand-in.
+    readable = {
+        name: value if isinstance(value, int | float | np.generic) else 1.0
+        for name, value in scalars.items()
+    }
+    key = (rule, roles, tuple((name, type(v), bool(v)) for name, v in readable.items()))
     if key not in _TRACED:
         try:
-            trace(rule, roles, scalars)
+            trace(rule, roles, readable)
         except Untraceable as exc:
             refusal = untraceable(rule, exc)
             LOG.debug("xpoptim: %s; it runs on the plain path", refusal.reason)
