@@ -140,7 +140,7 @@ def test_cubed_step_computes_within_its_memory_bound() -> None:
     p = cubed.from_array(p_np, chunks=(40, 100), spec=spec)
     g = cubed.from_array(g_np, chunks=(40, 100), spec=spec)
     opt = xpoptim.Adam(learning_rate=0.01)
-    params, state = opt.update({"w": p}, {"w": g}, opt.init({"w": p}))
+    params, _ = opt.update({"w": p}, {"w": g}, opt.init({"w": p}))
     got = cubed_compute(params["w"])
     want, _ = reference.run("Adam", {"learning_rate": 0.01}, {"w": p_np}, [{"w": g_np}])
     np.testing.assert_allclose(got, want["w"], rtol=1e-12, atol=1e-12)
@@ -184,7 +184,9 @@ def test_ndonnx_symbolic_steps_export_as_an_onnx_model(kind: str, config: dict[s
     ort = pytest.importorskip("onnxruntime")
     params_np, grads_np = problem()
     opt = getattr(xpoptim, kind)(**config)
-    inputs = {f"in.{k}": ndx.argument(shape=v.shape, dtype=ndx.float64) for k, v in params_np.items()}
+    inputs = {
+        f"in.{k}": ndx.argument(shape=v.shape, dtype=ndx.float64) for k, v in params_np.items()
+    }
     grad_inputs = [
         {f"g{i}.{k}": ndx.argument(shape=v.shape, dtype=ndx.float64) for k, v in g.items()}
         for i, g in enumerate(grads_np)

@@ -123,7 +123,11 @@ def test_sgd_under_a_scheduler_parts_from_torch_as_documented() -> None:
     does not (w -= lr b). A test that the documented difference is real."""
     ours, theirs = make_model(), make_model()
     schedule = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.1)  # noqa: E731
-    train(ours, Optimizer(ours.parameters(), xpoptim.SGD(0.05, None, momentum=0.9)), scheduler=schedule)
+    train(
+        ours,
+        Optimizer(ours.parameters(), xpoptim.SGD(0.05, None, momentum=0.9)),
+        scheduler=schedule,
+    )
     train(theirs, torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9), scheduler=schedule)
     assert max_diff(ours, theirs) > 1e-4
 
@@ -211,15 +215,17 @@ def test_loading_another_optimizers_state_is_refused_and_changes_nothing() -> No
 
 
 def test_groups_set_their_own_hyperparameters_and_lr() -> None:
-    """Per-group lr and weight_decay, as torch's groups: each group equals a face
-    of its own."""
+    """Per-group lr and momentum, as torch's groups."""
     a, b = make_model(), make_model()
-    first, second = list(a.children())[0], list(a.children())[2]
-    groups = [{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.001, "momentum": 0.0}]
-    train(a, Optimizer(groups, xpoptim.SGD(0.05, None, momentum=0.9)))
-    bf, bs = list(b.children())[0], list(b.children())[2]
-    groups_t = [{"params": bf.parameters()}, {"params": bs.parameters(), "lr": 0.001, "momentum": 0.0}]
-    train(b, torch.optim.SGD(groups_t, lr=0.05, momentum=0.9))
+
+    def groups(model: Any) -> list[dict[str, Any]]:
+        return [
+            {"params": model[0].parameters()},
+            {"params": model[2].parameters(), "lr": 0.001, "momentum": 0.0},
+        ]
+
+    train(a, Optimizer(groups(a), xpoptim.SGD(0.05, None, momentum=0.9)))
+    train(b, torch.optim.SGD(groups(b), lr=0.05, momentum=0.9))
     assert max_diff(a, b) < TOL
 
 

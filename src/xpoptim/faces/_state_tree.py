@@ -104,4 +104,3 @@ def join(spec: Spec, per_param: Mapping[str, Mapping[str, Any]], scalars: Mappin
     if spec.kind == "namedtuple":
         return spec.cls(*parts)
     return tuple(parts)
-

@@ -58,9 +58,9 @@ def _counters_as_arrays(state: Any) -> Any:
     import jax.numpy as jnp
 
     def convert(leaf: Any) -> Any:
-        if isinstance(leaf, numbers.Integral) and not isinstance(leaf, bool):
-            return jnp.asarray(leaf, dtype=jnp.int32)
-        return leaf
+        if isinstance(leaf, bool) or not isinstance(leaf, numbers.Integral):
+            return leaf
+        return jnp.asarray(leaf, dtype=jnp.int32)
 
     return jax.tree_util.tree_map(convert, state)
 
@@ -124,8 +124,7 @@ def transformation(optimizer: Any) -> Any:
         grads, grads_def = _flatten(updates, "updates")
         if grads_def != treedef:
             raise ValueError(
-                f"updates must have the structure of params: got {grads_def}, "
-                f"expected {treedef}"
+                f"updates must have the structure of params: got {grads_def}, expected {treedef}"
             )
         new_params, new_state = optimizer.update(named, grads, state)
         deltas = [new_params[name] - p for name, p in named.items()]
