@@ -199,3 +199,13 @@ def test_bad_use_is_refused_with_a_clear_error() -> None:
         tx.update(params, state)
     with pytest.raises(ValueError, match="structure of params"):
         tx.update({"other": jnp.zeros(3)}, state, params)
+
+
+def test_numpy_leaves_are_not_written() -> None:
+    """optax's update is pure: leaves that xpoptim would update in place are copied."""
+    tx = transformation(xpoptim.SGD(0.1, momentum=0.5))
+    params = {"w": np.array([1.0, 2.0])}
+    state = tx.init(params)
+    updates, state = tx.update({"w": np.array([1.0, 1.0])}, state, params)
+    np.testing.assert_array_equal(params["w"], [1.0, 2.0])
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-0.1 - 0.1 * 0.001, -0.1 - 0.2 * 0.001])

@@ -229,6 +229,27 @@ def test_groups_set_their_own_hyperparameters_and_lr() -> None:
     assert max_diff(a, b) < TOL
 
 
+def test_a_group_setting_that_adds_a_buffer_starts_it_from_zeros() -> None:
+    """RMSprop's momentum turned on mid-training: its buffer starts at zero, as it would
+    for xpoptim's own RMSprop(momentum=...) from that state."""
+    model = make_model()
+    opt = Optimizer(model.parameters(), xpoptim.RMSprop(0.01, None, momentum=0.0))
+    train(model, opt, epochs=1)
+    p = model[0].weight
+    assert "momentum_buffer" not in opt.state[p]
+    cache = opt.state[p]["cache"].clone()
+    opt.param_groups[0]["momentum"] = 0.5
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()
+    # b = 0.5 * 0 + g / (sqrt(cache') + eps); w -= lr * b, with cache' = 0.9 cache + 0.1 g^2
+    cache = 0.9 * cache + 0.1
+    want = before - 0.01 * (1.0 / (cache.sqrt() + 1e-8))
+    assert torch.allclose(p.detach(), want, rtol=1e-12, atol=1e-14)
+    buffer = opt.state[p]["momentum_buffer"]
+    assert torch.allclose(buffer, 1.0 / (cache.sqrt() + 1e-8), rtol=1e-12, atol=0)
+
+
 def test_parameters_without_gradients_are_skipped_and_count_their_own_steps() -> None:
     a, b = make_model(), make_model()
     frozen_a, frozen_b = a[2].weight, b[2].weight

@@ -24,6 +24,9 @@ from typing import Any
 
 import jax
 
+from .._compat import array_namespace
+from .._execution import updates_in_place
+
 __all__ = ["transformation"]
 
 
@@ -126,7 +129,13 @@ def transformation(optimizer: Any) -> Any:
             raise ValueError(
                 f"updates must have the structure of params: got {grads_def}, expected {treedef}"
             )
-        new_params, new_state = optimizer.update(named, grads, state)
+        # optax's update is pure: where xpoptim would update a leaf in place (a NumPy
+        # or torch leaf; never a JAX array), it updates a copy.
+        mine = {
+            k: array_namespace(p).asarray(p, copy=True) if updates_in_place(p) else p
+            for k, p in named.items()
+        }
+        new_params, new_state = optimizer.update(mine, grads, state)
         deltas = [new_params[name] - p for name, p in named.items()]
         return jax.tree_util.tree_unflatten(treedef, deltas), _counters_as_arrays(new_state)
 

@@ -7,7 +7,7 @@ for torch.optim works unchanged:
 
 * ``param_groups[i]["lr"]`` *is* the learning rate of group ``i``'s next step:
   ``torch.optim.lr_scheduler`` schedulers, which set it, drive the xpoptim optimizer;
-  the other hyperparameters of the optimizer (``get_config`` names: ``weight_decay``,
+  the other hyperparameters of the optimizer (its constructor arguments: ``weight_decay``,
   ``momentum``, ``beta1``, ...) are group entries too, read at every step;
 * ``torch.amp.GradScaler`` (``scaler.step(opt)`` unscales, then calls ``step()`` or skips it),
   ``torch.nn.utils.clip_grad_norm_``, ``zero_grad``, closures;
@@ -30,6 +30,7 @@ Importing this module imports torch; ``import xpoptim`` does not.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -67,6 +68,19 @@ def _replace_rate_owner(member: Any, old: Any, new: Any) -> Any:
     return member
 
 
+def _hyperparameters(owner: Any) -> dict[str, Any]:
+    """The constructor arguments of ``owner`` but its learning rate, with their values
+    (the attributes of the same names): what a parameter group may set."""
+    signature = inspect.signature(type(owner).__init__)
+    return {
+        name: getattr(owner, name)
+        for name, parameter in signature.parameters.items()
+        if name not in ("self", "learning_rate")
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        and hasattr(owner, name)
+    }
+
+
 def _check_xpoptim(optimizer: Any) -> None:
     if not all(callable(getattr(optimizer, m, None)) for m in ("init", "update", "get_config")):
         raise TypeError(
@@ -95,8 +109,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
     Args:
         params: ``model.parameters()``, ``model.named_parameters()`` (the names reach
             ``no_decay``), or parameter groups: dicts with ``"params"`` and the entries
-            that differ from the defaults, among ``"lr"`` and the hyperparameters that
-            ``optimizer.get_config()`` names (for a wrapper, those of the optimizer it wraps).
+            that differ from the defaults, among ``"lr"`` and the optimizer's constructor
+            arguments (for a wrapper, those of the optimizer it wraps).
         optimizer: any xpoptim optimizer or wrapper, with a number as learning rate
             (schedules are torch's here: ``torch.optim.lr_scheduler``). It is copied per
             group; the object given is not changed.
@@ -132,9 +146,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
                 "loop, give a number and schedule it with torch.optim.lr_scheduler (its "
                 "param_groups[i]['lr'] is the learning rate of each step)"
             )
-        config = owner.get_config()
+        config = _hyperparameters(owner)
         #: the hyperparameters a group may set, besides "lr"
-        self._hyper_names = tuple(k for k in config if k not in ("type", "learning_rate"))
+        self._hyper_names = tuple(config)
         self.optimizer = optimizer
         #: per group: (its copy of the optimizer, that copy's rate owner, the
         #: hyperparameters it was built with)
@@ -154,17 +168,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
         while len(self._members) <= index:
             member = copy.deepcopy(self.optimizer)
             owner = _rate_owner(member)
-            self._members.append((member, owner, dict(owner.get_config())))
+            self._members.append((member, owner, _hyperparameters(owner)))
         member, owner, built = self._members[index]
         where = f"param_groups[{index}]"
         hyper = {k: group[k] for k in self._hyper_names if k in group}
         try:
             if any(built.get(k) != v for k, v in hyper.items()):
-                new_config = {**built, **hyper, "learning_rate": float(group["lr"])}
-                new_owner = type(owner).from_config(new_config)
+                new_owner = type(owner)(**{**built, **hyper, "learning_rate": float(group["lr"])})
                 member = _replace_rate_owner(member, owner, new_owner)
-                owner, built = new_owner, dict(new_owner.get_config())
+                owner, built = new_owner, _hyperparameters(new_owner)
                 self._members[index] = (member, owner, built)
+                # Other settings may keep other buffers: the structures are found anew.
+                self._specs = {k: v for k, v in self._specs.items() if k[0] != index}
             lr = group["lr"]
             lr = float(lr) if isinstance(lr, torch.Tensor) else lr
             owner.learning_rate = _schedules.check_learning_rate(lr)
@@ -226,11 +241,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
         sets: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
         for name, p in active:
             stored = self.state.get(p) or {}
+            # The counters: Python ints (or 0-d integer tensors), not the buffers.
             key = tuple(
                 sorted(
                     (k, int(v) if isinstance(v, torch.Tensor) else v)
                     for k, v in stored.items()
-                    if not isinstance(v, torch.Tensor) or v.ndim == 0
+                    if not isinstance(v, torch.Tensor)
+                    or (v.ndim == 0 and not v.is_floating_point())
                 )
             )
             names, tensors = sets.setdefault(key, ([], []))
@@ -251,7 +268,15 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
             if spec is None:
                 spec = self._specs[key] = _state_tree.spec_of(member.init(params), names)
             per_param = {name: self.state[p] for name, p in params.items()}
-            state = _state_tree.join(spec, per_param, self.state[first])
+            scalars = self.state[first]
+            try:
+                state = _state_tree.join(spec, per_param, scalars)
+            except KeyError:
+                # The group's settings now keep a buffer the stored state lacks (say
+                # RMSprop's momentum turned on): zeros for it, as for a new parameter.
+                fresh_per, fresh_scalars = _state_tree.split(spec, member.init(params))
+                per_param = {n: {**fresh_per.get(n, {}), **per_param[n]} for n in params}
+                state = _state_tree.join(spec, per_param, {**fresh_scalars, **scalars})
         new_params, new_state = member.update(params, grads, state)
         for name, p in params.items():
             new = new_params[name]
