@@ -103,7 +103,7 @@ def transformation(optimizer: Any) -> Any:
         >>> state = tx.init(params)
         >>> grads = {"w": jnp.array([3.0, 4.0]), "b": [jnp.array(0.0)]}
         >>> updates, state = tx.update(grads, state, params)
-        >>> optax.apply_updates(params, updates)["w"]
+        >>> optax.apply_updates(params, updates)["w"].round(4)
         Array([ 0.9, -1.1], dtype=float32)
     """
     if not all(callable(getattr(optimizer, m, None)) for m in ("init", "update", "get_config")):

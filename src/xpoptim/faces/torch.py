@@ -133,7 +133,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
         >>> scheduler.step()
         >>> opt.zero_grad()
         >>> sorted(opt.state_dict()["state"][0])
-        ['momentums', 'skipped', 'step', 'velocities']
+        ['momentums', 'step', 'velocities']
     """
 
     def __init__(self, params: Iterable[Any], optimizer: Any) -> None:
