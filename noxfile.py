@@ -87,6 +87,8 @@ def array_library(session: nox.Session, library: str) -> None:
     session.run(
         "pytest",
         "tests/test_array_libraries.py",
+        "-k",
+        library,  # every test of that file names its library
         *session.posargs,
         env={"XPOPTIM_ARRAY_LIBRARIES": library, "XPOPTIM_BACKENDS": "numpy"},
     )
