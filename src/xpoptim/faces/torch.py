@@ -204,8 +204,9 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc]
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient.
 
-        Everything is checked before any parameter changes: the groups' hyperparameters
-        and the gradients (sparse gradients are refused).
+        Every group's hyperparameters and gradients (sparse ones are refused) are checked
+        before any parameter changes; then each set of parameters is one ``update`` call,
+        which checks its state before changing anything.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
