@@ -250,6 +250,19 @@ def test_a_group_setting_that_adds_a_buffer_starts_it_from_zeros() -> None:
     assert torch.allclose(buffer, 1.0 / (cache.sqrt() + 1e-8), rtol=1e-12, atol=0)
 
 
+def test_a_group_added_later_steps_from_its_own_first_step() -> None:
+    """add_param_group mid-training (unfreezing a layer), as torch.optim.Adam."""
+    a, b = make_model(), make_model()
+    oa = Optimizer(a[0].parameters(), xpoptim.Adam(0.01, regularization=None))
+    ob = torch.optim.Adam(b[0].parameters(), lr=0.01)
+    for model, opt in ((a, oa), (b, ob)):
+        train(model, opt, epochs=1)
+        opt.add_param_group({"params": model[2].parameters(), "lr": 0.003})
+        train(model, opt, epochs=1)
+    assert oa.state[a[2].weight]["step"] == 6
+    assert max_diff(a, b) < TOL
+
+
 def test_parameters_without_gradients_are_skipped_and_count_their_own_steps() -> None:
     a, b = make_model(), make_model()
     frozen_a, frozen_b = a[2].weight, b[2].weight
