@@ -105,6 +105,14 @@ def test_chain_with_clipping_under_jit_equals_optax(name: str) -> None:
     assert max_diff(a, params_tree()) > 1e-2  # it moved
 
 
+def test_an_xpoptim_schedule_under_jit_equals_optax_schedule() -> None:
+    """The traced step count reaches xpoptim's schedule as optax's count reaches its own."""
+    schedule = xpoptim.schedules.ExponentialDecay(0.05, transition_steps=3, decay_rate=0.5)
+    a = run(transformation(xpoptim.Adam(schedule, regularization=None)))
+    b = run(optax.adam(optax.exponential_decay(0.05, transition_steps=3, decay_rate=0.5)))
+    assert max_diff(a, b) < 1e-12
+
+
 def test_multisteps_equals_optax_multisteps() -> None:
     ours, theirs = PEERS["adam"]
     a = run(optax.MultiSteps(transformation(ours()), every_k_schedule=3))
@@ -209,3 +217,14 @@ def test_numpy_leaves_are_not_written() -> None:
     updates, state = tx.update({"w": np.array([1.0, 1.0])}, state, params)
     np.testing.assert_array_equal(params["w"], [1.0, 2.0])
     np.testing.assert_allclose(np.asarray(updates["w"]), [-0.1 - 0.1 * 0.001, -0.1 - 0.2 * 0.001])
+
+
+def test_import_xpoptim_does_not_import_jax_or_optax() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xpoptim, xpoptim.faces; "
+        "assert 'jax' not in sys.modules and 'optax' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

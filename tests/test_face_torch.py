@@ -369,3 +369,11 @@ def test_cuda_equals_torch_optim_adam_on_cuda() -> None:  # pragma: no cover - G
             opt.step()
     assert max_diff(ours, theirs) < TOL
     assert next(iter(oa.state.values()))["momentums"].is_cuda
+
+
+def test_import_xpoptim_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, xpoptim, xpoptim.faces; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
