@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import functools
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 from ..blocked import Item
 from ..flat import group_key
 from ..options import ExecutionOptions
-from ..threads import POOL, TUNER, in_pool_thread
+from ..threads import POOL, in_pool_thread
 from .kernels import Kernel, NoKernel, numba_kernel
 
 _STRIDED = NoKernel("parameter, gradient and state do not share one contiguous memory layout")
@@ -180,17 +179,14 @@ def launch(
     if total < PARALLEL_MIN_ELEMENTS or threads < 2 or in_pool_thread():
         kernel.in_place(table, sizes, *arguments)
         return
-    key = (rule, "compiled", total.bit_length())
-    chosen = TUNER.choose(key, threads) if options.tuned() else threads
-    # A few pieces per thread, taken in turn: a thread that loses its core for a while
-    # (another job) leaves its remaining pieces to the others instead of holding the step.
-    parts = chosen * max(1, min(PIECES_PER_THREAD, total // (PARALLEL_MIN_ELEMENTS * chosen)))
+    # Every thread the options allow, without the blocked path's tuner: one kernel call
+    # streams memory without the GIL, so a second core pays whenever it is free, and a
+    # few pieces per thread, taken in turn, keep a thread that loses its core (another
+    # job) from holding the step: the others take its remaining pieces.
+    parts = threads * max(1, min(PIECES_PER_THREAD, total // (PARALLEL_MIN_ELEMENTS * threads)))
     pieces = partition(table, sizes, parts, kernel.dtype.itemsize)
-    start = time.perf_counter()
     tasks = [functools.partial(kernel.in_place, t, s, *arguments) for t, s in pieces]
-    POOL.run(tasks, chosen)
-    if options.tuned():
-        TUNER.record(key, chosen, (time.perf_counter() - start) / total)
+    POOL.run(tasks, threads)
 
 
 def partition(
