@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from ..._compat import Array, is_cupy_array, is_dask_array, is_torch_array
+from ..options import current_options
 from .cuda_emit import NVRTC_OPTIONS, cuda_source
 from .kernels import NoKernel, numba_kernel, python_numbers, untraceable
+from .numpy_path import launch
 from .trace import Untraceable, trace
 
 
@@ -124,7 +126,7 @@ def _torch_cpu_step(
     if views[0].size:
         table = np.array([row], dtype=np.intp)
         sizes = np.array([views[0].size], dtype=np.intp)
-        kernel.in_place(table, sizes, *kernel.arguments(scalars))
+        launch(kernel, table, sizes, kernel.arguments(scalars), current_options())
     return (arrays[0], *arrays[2:])
 
 

@@ -71,7 +71,7 @@ def run(
         for index in strided:
             reasons[positions[index]] = _STRIDED
         if len(sizes):
-            launch(kernel, rule, table, sizes, kernel.arguments(scalars), options)
+            launch(kernel, table, sizes, kernel.arguments(scalars), options)
     return reasons
 
 
@@ -167,13 +167,13 @@ def _plan(items: Sequence[Item], roles: int) -> _Plan:
 
 def launch(
     kernel: Kernel,
-    rule: Callable[..., Any],
     table: np.ndarray,
     sizes: np.ndarray,
     arguments: list[Any],
     options: ExecutionOptions,
 ) -> None:
-    """Run ``kernel.in_place`` over the table, from as many threads as pay off."""
+    """Run ``kernel.in_place`` over the table: in this thread for a small step, else in
+    pieces from every thread the options allow."""
     total = int(sizes.sum())
     threads = options.threads()
     if total < PARALLEL_MIN_ELEMENTS or threads < 2 or in_pool_thread():

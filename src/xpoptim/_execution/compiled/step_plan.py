@@ -118,7 +118,7 @@ class StepPlan:
             tables.append(table)
         for group, table in zip(self.groups, tables, strict=True):
             arguments = group.kernel.arguments({**shared, **group.scalars})
-            launch(group.kernel, self.rule, table, group.sizes, arguments, self.options)
+            launch(group.kernel, table, group.sizes, arguments, self.options)
         return True
 
 
