@@ -11,10 +11,11 @@ to rounding.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import xpoptim
 
-from conftest import Backend
+from conftest import Backend, selected_backends
 
 
 def run(backend: Backend, options: dict[str, object]) -> dict[str, np.ndarray]:
@@ -44,3 +45,29 @@ def test_every_backend_gives_the_same_result_with_fast_on_or_off(backend: Backen
         return
     for name, want in plain.items():
         assert fast[name].tobytes() == want.tobytes(), name
+
+
+def test_torch_cpu_tensors_step_compiled_many_per_call_and_half_precision_plainly():
+    torch = pytest.importorskip("torch")
+    if "torch" not in selected_backends():
+        pytest.skip("runs in the torch session")
+    rng = np.random.default_rng(4)
+    shapes = [(30, 20), (20,), (), (7, 3, 2)]
+    params_np = {f"{i}.w": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    grads_np = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params_np.items()}
+    want = {k: v.copy() for k, v in params_np.items()}
+    with xpoptim.execution_options(fast=False):
+        opt = xpoptim.Adam()
+        want, _ = opt.update(want, grads_np, opt.init(want))
+    opt = xpoptim.Adam()
+    tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params_np.items()}
+    grads = {k: torch.tensor(v) for k, v in grads_np.items()}
+    new, _ = opt.update(tensors, grads, opt.init(tensors))
+    for name, tensor in tensors.items():
+        assert new[name] is tensor  # in place, the caller's own parameters
+        assert tensor.detach().numpy().tobytes() == want[name].tobytes(), name
+        assert xpoptim.explain()[name] == xpoptim.StepPath("compiled")
+    half = {"h": torch.ones(4, dtype=torch.float16)}
+    new, _ = opt.update(half, {"h": torch.ones(4, dtype=torch.float16)}, opt.init(half))
+    assert xpoptim.explain()["h"].path == "plain"
+    assert new["h"].dtype == torch.float16
