@@ -143,8 +143,18 @@ def _same_keys(expected: Iterable[str], got: Iterable[str], what: str) -> None:
         raise ValueError(f"{what} do not match the parameter names: " + ", ".join(parts))
 
 
-def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: str) -> None:
-    """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``."""
+def like_params(
+    arrays: Any,
+    params: Mapping[str, Array],
+    xp: Namespace,
+    what: str,
+    shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
+) -> None:
+    """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``.
+
+    ``shape``, if given, maps a parameter's shape to the shape its array must have (a state
+    buffer that is not shaped like its parameter: Adafactor's row and column factors).
+    """
     if not isinstance(arrays, Mapping):
         raise TypeError(f"{what} must be a mapping from names to arrays, got {type(arrays)!r}")
     _same_keys(params.keys(), arrays.keys(), what)
@@ -161,8 +171,16 @@ def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: s
             raise TypeError(
                 f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"
             )
-        if tuple(a.shape) != tuple(p.shape):
-            raise ValueError(f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}")
+        expected = tuple(p.shape) if shape is None else shape(tuple(p.shape))
+        if tuple(a.shape) != expected:
+            if shape is None:
+                raise ValueError(
+                    f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}"
+                )
+            raise ValueError(
+                f"{label} has shape {tuple(a.shape)}, not {expected} (the shape it takes for "
+                f"a parameter of shape {tuple(p.shape)})"
+            )
         if a.dtype != p.dtype:
             if not xp.isdtype(a.dtype, "real floating"):
                 raise TypeError(f"{label} has dtype {a.dtype}; a real floating dtype is needed")
