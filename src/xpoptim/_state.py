@@ -23,20 +23,39 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 from ._compat import Array, Namespace, array_namespace, is_array_api_obj
 from ._compat import device as device_of
 from ._execution import place, relayout_state, updates_in_place
-
-if TYPE_CHECKING:
-    from ._optimizers import Optimizer
 
 #: The version this xpoptim writes, and the newest it reads.
 FORMAT_VERSION = 1
 #: The state's counters; every other field of a state NamedTuple is a per-parameter buffer.
 COUNTERS = ("step", "skipped")
 KEYS = ("format_version", "optimizer", "config", "step", "skipped", "buffers")
+
+
+class Optimizer(Protocol):
+    """What this module needs of an optimizer (`xpoptim.Optimizer` has it all).
+
+    A protocol, so that the optimizers import this module and not the other way round.
+    """
+
+    #: the state NamedTuple type
+    State: ClassVar[type[Any]]
+    nonfinite: str
+    #: the state kept by ``step(layers)``, and the names of its buffers not yet placed
+    _state: Any
+    _unplaced: set[str]
+
+    def get_config(self) -> dict[str, Any]: ...
+
+    def _buffer_fields(self) -> tuple[str, ...]: ...
+
+    def _param_scalars(self, name: str) -> dict[str, Any]: ...
+
+    def _collect(self, layers: Iterable[Any]) -> tuple[dict[str, Array], dict[str, Array]]: ...
 
 
 class StateDictError(ValueError):
