@@ -44,6 +44,14 @@ def non_negative(value: Any, name: str) -> float:
     return number
 
 
+def non_positive(value: Any, name: str) -> float:
+    """``value`` as a float, checked to be a finite number <= 0."""
+    number = _real(value, name)
+    if number > 0.0:
+        raise ValueError(f"{name} must be <= 0, got {number!r}")
+    return number
+
+
 def unit_interval(value: Any, name: str) -> float:
     """``value`` as a float, checked to lie in [0, 1)."""
     number = _real(value, name)

@@ -7,15 +7,26 @@ The seed's three (mpneuralnetwork 1.1.1's names and defaults): `SGD` (``_sgd``),
 
 from ._adam import Adam, AdamState, AdamW
 from ._base import NOT_DECAYED, Optimizer
+from ._factored import Adafactor, AdafactorState
+from ._layerwise import LAMB, LARS, LAMBState, LARSState
 from ._rmsprop import RMSprop, RMSpropState
+from ._orthogonal import Muon, MuonState
 from ._sgd import SGD, SGDState
 
 __all__ = [
+    "LAMB",
+    "LARS",
     "NOT_DECAYED",
     "SGD",
+    "Adafactor",
+    "AdafactorState",
     "Adam",
     "AdamState",
     "AdamW",
+    "LAMBState",
+    "LARSState",
+    "Muon",
+    "MuonState",
     "Optimizer",
     "RMSprop",
     "RMSpropState",

@@ -23,7 +23,7 @@ from .. import _nonfinite, _selection
 from .. import _state as state_dicts
 from .. import _validation as check
 from .. import schedules as _schedules
-from .._compat import Array, Namespace
+from .._compat import Array, Namespace, device
 from .._execution import (
     current_options,
     run_rule,
@@ -72,6 +72,13 @@ class Optimizer:
     no_decay: Any = NOT_DECAYED
     #: What an update does with NaN/Inf gradients (see ``xpoptim._nonfinite``).
     nonfinite: str = "propagate"
+    #: State buffers not shaped like their parameter: field -> a function of the
+    #: parameter's shape giving the buffer's (Adafactor's row and column factors).
+    #: ``init`` makes them, and every state check and load expects them, in that shape.
+    _buffer_shapes: ClassVar[Mapping[str, Callable[[tuple[int, ...]], tuple[int, ...]]]] = {}
+    #: Whether the rule is elementwise, so that any slice of a parameter can be stepped
+    #: alone (`OutOfCore` steps one chunk at a time and refuses the others).
+    elementwise: ClassVar[bool] = True
 
     def __init__(
         self, learning_rate: float, regularization: str | None, weight_decay: float
@@ -137,6 +144,11 @@ class Optimizer:
 
     # -- hooks of the variants (Nesterov, centered, AMSGrad) and of schedules --------------
 
+    def _buffer_shape(self, field: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of buffer ``field`` for a parameter of shape ``shape``."""
+        declared = self._buffer_shapes.get(field)
+        return shape if declared is None else declared(shape)
+
     def _buffer_fields(self) -> tuple[str, ...]:
         """The state fields this optimizer uses (the others stay ``None``)."""
         return state_dicts.buffer_fields(self.State)
@@ -183,6 +195,14 @@ class Optimizer:
         xp = check.params(params)
         fields = self._buffer_fields()
         buffers = zeros_state(params, len(fields), self._param_scalars, xp)
+        for index, field in enumerate(fields):
+            if field in self._buffer_shapes:  # not shaped like the parameters
+                buffers[index] = {
+                    name: xp.zeros(
+                        self._buffer_shape(field, tuple(p.shape)), dtype=p.dtype, device=device(p)
+                    )
+                    for name, p in params.items()
+                }
         return self.State(
             step=0,
             **dict(zip(fields, buffers, strict=True)),
@@ -199,7 +219,8 @@ class Optimizer:
         if state.skipped is not None:
             check.counter(state.skipped, "state.skipped", readable=values_readable)
         for field in self._buffer_fields():
-            check.like_params(getattr(state, field), params, xp, f"state.{field}")
+            shape = self._buffer_shapes.get(field)
+            check.like_params(getattr(state, field), params, xp, f"state.{field}", shape)
         return step
 
     def update(

@@ -27,16 +27,24 @@ runs on whole arrays.
 
 from ._adam import adam, adam_amsgrad
 from ._common import penalized_gradient
+from ._factored import adafactor
+from ._layerwise import lamb, lars
+from ._orthogonal import muon, newton_schulz
 from ._rmsprop import rmsprop, rmsprop_extended
 from ._sgd import sgd, sgd_nesterov
 from ._transforms import accumulate, clip_by_value, clip_scale, sum_of_squares
 
 __all__ = [
     "accumulate",
+    "adafactor",
     "adam",
     "adam_amsgrad",
     "clip_by_value",
     "clip_scale",
+    "lamb",
+    "lars",
+    "muon",
+    "newton_schulz",
     "penalized_gradient",
     "rmsprop",
     "rmsprop_extended",
