@@ -23,7 +23,7 @@ from .. import _nonfinite, _selection
 from .. import _state as state_dicts
 from .. import _validation as check
 from .. import schedules as _schedules
-from .._compat import Array, Namespace, device
+from .._compat import Array, Namespace
 from .._execution import (
     current_options,
     run_rule,
@@ -34,6 +34,7 @@ from .._execution import (
     zeros_state,
 )
 from .._execution.blocked import Item
+from .._execution.placement import zeros_beside
 from .._execution.compiled import step_plan
 from .._execution.compiled.step_plan import StepPlan
 
@@ -198,9 +199,7 @@ class Optimizer:
         for index, field in enumerate(fields):
             if field in self._buffer_shapes:  # not shaped like the parameters
                 buffers[index] = {
-                    name: xp.zeros(
-                        self._buffer_shape(field, tuple(p.shape)), dtype=p.dtype, device=device(p)
-                    )
+                    name: zeros_beside(self._buffer_shape(field, tuple(p.shape)), p, xp)
                     for name, p in params.items()
                 }
         return self.State(
