@@ -261,7 +261,9 @@ def _relayout(
     fields = [f for f in buffers if f not in opt._buffer_shapes]
     xp_params = array_namespace(*params.values())
     laid_out = relayout_state(params, [buffers[f] for f in fields], opt._param_scalars, xp_params)
-    return {**buffers, **dict(zip(fields, laid_out, strict=True))}
+    out = {field: dict(arrays) for field, arrays in buffers.items()}
+    out.update(zip(fields, laid_out, strict=True))
+    return out
 
 
 def state_from_dict(

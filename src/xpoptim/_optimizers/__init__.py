@@ -9,8 +9,8 @@ from ._adam import Adam, AdamState, AdamW
 from ._base import NOT_DECAYED, Optimizer
 from ._factored import Adafactor, AdafactorState
 from ._layerwise import LAMB, LARS, LAMBState, LARSState
-from ._rmsprop import RMSprop, RMSpropState
 from ._orthogonal import Muon, MuonState
+from ._rmsprop import RMSprop, RMSpropState
 from ._sgd import SGD, SGDState
 
 __all__ = [

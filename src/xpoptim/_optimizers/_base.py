@@ -34,9 +34,9 @@ from .._execution import (
     zeros_state,
 )
 from .._execution.blocked import Item
-from .._execution.placement import zeros_beside
 from .._execution.compiled import step_plan
 from .._execution.compiled.step_plan import StepPlan
+from .._execution.placement import zeros_beside
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")

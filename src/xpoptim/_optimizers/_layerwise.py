@@ -8,7 +8,7 @@ as `xpoptim.explain` says) and `OutOfCore` refuses them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 from .. import _rules
 from .. import _validation as check

@@ -47,16 +47,19 @@ def _velocity_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (0,) if len(shape) == 2 else shape
 
 
+def _finite_real(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 def _coefficients(value: Any) -> tuple[float, float, float]:
     """``ns_coefficients`` checked: three finite real numbers, as a tuple of floats."""
     if (
         isinstance(value, str)
         or not isinstance(value, Sequence)
         or len(value) != 3
-        or not all(
-            isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c)
-            for c in value
-        )
+        or not all(_finite_real(c) for c in value)
     ):
         raise ValueError(f"ns_coefficients must be three finite numbers (a, b, c), got {value!r}")
     a, b, c = (float(c) for c in value)
