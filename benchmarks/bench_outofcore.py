@@ -9,7 +9,10 @@ Measured in the same run, on the same file system and the same volume:
   step reads from the disk too (``--warm`` keeps the cache).
 
 The store throughput of a step is (bytes read + bytes written) / step time; the disk's
-is the same volume / (write+fsync time + read time). Prints a table and writes JSON.
+is the same volume / (write+fsync time + read time). Every chunk carries a CRC-32C
+checksum (computed when written, verified when read): the CPU cost of that is measured
+alone too (``checksum_gb_per_s``: CRC-32C of 64 MiB blocks on one thread). Prints a
+table and writes JSON.
 
     python benchmarks/bench_outofcore.py --size 3GB --dir /path/on/the/disk/to/test
 """
@@ -87,6 +90,18 @@ def disk_bandwidth(directory: Path, write_bytes: int, read_bytes: int) -> dict[s
     return {"write_fsync_s": write_s, "read_s": read_s}
 
 
+def checksum_speed(seconds: float = 0.5) -> float:
+    """GB/s of CRC-32C (Zarr's crc32c codec's implementation) on one thread."""
+    import google_crc32c
+
+    block = np.random.default_rng(1).random(BLOCK // 8)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        google_crc32c.value(block)
+        done += block.nbytes
+    return done / (time.perf_counter() - start) / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="3GB", help="params + state + gradient (default 3GB)")
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
 
+    checksum_gbs = checksum_speed()
     moved = rows[0].bytes_moved
     disk_gbs = moved / (disk["write_fsync_s"] + disk["read_s"]) / 1e9
     step_gbs = [r.gb_per_s for r in rows]
@@ -155,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         "disk_gb_per_s_same_volume": disk_gbs,
         # Step 1 reads the zero state from Zarr's fill value, not from the disk.
         "ratio_median_step_to_disk": float(np.median(step_gbs[1:] or step_gbs)) / disk_gbs,
+        "checksum_gb_per_s": checksum_gbs,
+        # Each step computes a CRC-32C of every chunk written and checks it twice for every
+        # chunk read (the store's own check, which names a bad chunk, and Zarr's codec).
+        "checksum_s_per_step_one_thread": (rows[0].bytes_written + 2 * rows[0].bytes_read)
+        / checksum_gbs
+        / 1e9,
         "peak_rss_bytes": peak_rss_bytes(),
+        "load_average": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "python": sys.version.split()[0],
     }
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'disk: step volume, write+fsync then read':<44}{disk_gbs:>10.3f}")
     for t, gbs in enumerate(step_gbs, start=1):
         print(f"{f'out-of-core Adam step {t}':<44}{gbs:>10.3f}")
+    print(f"{'CRC-32C checksum (CPU, one thread)':<44}{checksum_gbs:>10.3f}")
     print("-" * 54)
     print(
         f"median step (from step 2) / disk = {result['ratio_median_step_to_disk']:.0%} "

@@ -529,3 +529,13 @@ def test_wrappers_and_policies_step_compiled_with_the_plain_paths_bits(make):
             assert {xpoptim.explain()[name].path for name in params} == {"compiled"}
     for name in params:
         assert bits(outs[0][name]) == bits(outs[1][name]), name
+
+
+def test_deciding_whether_a_rule_is_elementwise_reads_no_lazy_value(assert_no_compute):
+    da = pytest.importorskip("dask.array")
+    lazy = da.ones((), chunks=()) * 0.5
+    with assert_no_compute():
+        assert kernels.elementwise(_rules.adam, 4, {**ADAM_SCALARS, "step_size": lazy}) is None
+        refusal = kernels.elementwise(_sum_rule, 2, {"lr": lazy})
+    assert refusal is not None
+    assert refusal.untraceable

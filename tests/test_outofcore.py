@@ -125,15 +125,15 @@ def test_equals_in_memory_optimizer_bit_exactly(tmp_path, case, dtype):
         for name, want in values.items():
             got = getattr(got_state, field)[name]
             np.testing.assert_allclose(got, want, **tolerance(np.dtype(dtype)))
-    # Only the committed version is left, uncompressed, with the layout described.
+    # Only the committed version is left, uncompressed, checksummed, with the layout described.
     entries = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert entries == ["v3", "xpoptim.json", "zarr.json"]
+    assert entries == ["v3", "xpoptim.json", "xpoptim.lock", "zarr.json"]
     pointer = json.loads((tmp_path / "s" / "xpoptim.json").read_text())
     assert pointer["step"] == steps
     assert pointer["version"] == "v3"
     assert pointer["optimizer"] == optimizer.get_config()
     array = zarr.open_array(tmp_path / "s", path="v3/params/dense.weights", mode="r")
-    assert array.compressors == ()
+    assert array.compressors == (zarr.codecs.Crc32cCodec(),)
     assert array.chunks == CHUNKS["dense.weights"]
 
 
@@ -286,7 +286,7 @@ def test_store_of_another_optimizer_is_refused(small_store):
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        ("format_version", r"format version 99; this xpoptim reads version 1"),
+        ("format_version", r"format version 99; this xpoptim reads version 2"),
         ("format", r"not an xpoptim out-of-core store"),
         ("pointer", r"no committed step"),
         ("root", r"not an xpoptim out-of-core store \(no zarr.json\)"),
@@ -313,7 +313,7 @@ def test_create_refuses_bad_arguments(tmp_path):
     params, _ = problem(np.float32, 0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"not empty; pass overwrite=True"):
+    with pytest.raises(xpoptim.StoreError, match=r"not empty and is not an xpoptim .*'keep.txt'"):
         xpoptim.OutOfCore.create(tmp_path / "full", xpoptim.Adam(), params)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match=r"params name 'a/b' cannot name a Zarr array"):
@@ -482,6 +482,7 @@ def test_sigkill_at_random_moments_never_tears_the_store(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == [
         f"v{KILL_STEPS}",
         "xpoptim.json",
+        "xpoptim.lock",
         "zarr.json",
     ]
 

@@ -29,6 +29,13 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _size(text: str) -> int:
+    """A size argument (``3GB``, ``512MiB``); a bad one is a usage error."""
+    from ._outofcore_demo import size_argument
+
+    return size_argument(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xpoptim", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,31 +53,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="show the steps done on stderr (default: when stderr is a terminal)",
+        help="show progress on stderr: steps done, or a progress bar per out-of-core step "
+        "(default: when stderr is a terminal)",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo-out", help="folder for the PNG (default demo-out)")
     ooc = demo.add_argument_group("out of core (needs xpoptim[dask])")
     ooc.add_argument("--out-of-core", metavar="DIR", help="run Adam out of core in DIR")
-    ooc.add_argument("--size", default="3GB", help="parameters + state + gradient (default 3GB)")
-    ooc.add_argument("--max-memory", help="hard cap on the address space, e.g. 1GiB")
-    ooc.add_argument("--chunk-size", default="16MiB", help="Zarr chunk size (default 16MiB)")
+    ooc.add_argument(
+        "--size", type=_size, default="3GB", help="parameters + state + gradient (default 3GB)"
+    )
+    ooc.add_argument("--max-memory", type=_size, help="hard cap on the address space, e.g. 1GiB")
+    ooc.add_argument(
+        "--chunk-size", type=_size, default="16MiB", help="Zarr chunk size (default 16MiB)"
+    )
     ooc.add_argument("--threads", type=int, default=None, help="Dask threads (default: cores)")
     args = parser.parse_args(argv)
     if args.out_of_core:
-        from ._outofcore_demo import cap_address_space, parse_size, run_out_of_core_demo
+        from ._outofcore_demo import run_cli
 
-        if args.max_memory:
-            cap_address_space(parse_size(args.max_memory))
-        run_out_of_core_demo(
-            args.out_of_core,
-            parse_size(args.size),
-            steps=args.steps or 3,
-            chunk_bytes=parse_size(args.chunk_size),
-            num_workers=args.threads,
-            seed=args.seed,
-        )
-        return 0
+        return run_cli(demo, args.out_of_core, args.size, args)
     try:
         run_demo(
             args.backend,

@@ -6,13 +6,18 @@ chunk once and writes every output chunk once. The math is the optimizer's own
 `xpoptim.Optimizer.update` (the rules of `xpoptim._rules`) applied to Dask
 arrays that read from Zarr: there is no second copy of the update rules here.
 
-Layout of the directory (a Zarr v3 group)::
+Layout of the directory (a Zarr v3 group; checks in `xpoptim._outofcore_layout`)::
 
     DIR/zarr.json           root group; attributes["xpoptim"] = format, optimizer type,
                             array names, shapes, dtypes, chunks (written once, at create)
     DIR/v{k}/params/{name}  the parameters after step k
     DIR/v{k}/{field}/{name} the state buffers after step k (``momentums``, ...)
     DIR/xpoptim.json        the commit pointer: {"step": k, "version": "v{k}", optimizer config}
+    DIR/xpoptim.lock        the writers' lock file (`xpoptim._outofcore_lock`)
+
+Every chunk is written (zeros included) with a CRC-32C checksum; a missing or corrupt
+chunk is an error, never read as zeros (`xpoptim._outofcore_chunks`). One writer at a
+time: each step and each create holds an exclusive ``flock`` on the lock file.
 
 Crash safety (the protocol, also in ``docs/out-of-core.md``): step ``k+1`` reads only
 ``v{k}`` and writes only ``v{k+1}``; the data of ``v{k+1}`` is flushed (``fsync``) before
@@ -33,10 +38,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import os
-import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -44,42 +48,72 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from . import _outofcore_layout as layout
 from . import _validation as check
 from ._atomic import fsync_path, is_temporary, replace_atomically
 from ._execution import execution_options
 from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
+from ._outofcore_layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
+from ._outofcore_lock import writer_lock
 
-#: Identifies an xpoptim out-of-core store (root group attribute ``xpoptim.format``).
-FORMAT = "xpoptim.outofcore"
-#: Version of the on-disk layout this module reads and writes.
-FORMAT_VERSION = 1
-#: The commit pointer, in the store's root directory.
-POINTER = "xpoptim.json"
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LOCK",
+    "POINTER",
+    "MissingDependencyError",
+    "OutOfCore",
+    "StepSummary",
+    "StoreError",
+]
+
 #: Default target size of one chunk when the chunks are chosen automatically.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+#: How often `OutOfCore.read` starts again when a commit replaced the version it read.
+READ_ATTEMPTS = 5
 
-_VERSION = re.compile(r"v[0-9]+")
 _OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, RMSprop, Adam, AdamW)}
 
-#: Test hook: called with the name of each phase of a step (``"created"``, ``"stored"``,
-#: ``"flushed"``, ``"committed"``, ``"collected"``). The crash tests kill the process there.
+#: Test hook: called with the name of each phase of a step (``"locked"``, ``"created"``,
+#: ``"stored"``, ``"flushed"``, ``"committed"``, ``"collected"``). The crash tests kill the
+#: process there; the two-writer tests hold the lock there.
 _phase_hook: Callable[[str], None] | None = None
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency of the out-of-core store (Dask, Zarr) is not installed."""
+
+
 def _lazy(module: str) -> Any:
-    """Import an optional dependency (Dask, Zarr) when first needed, untyped."""
-    return importlib.import_module(module)
+    """Import an optional dependency (Dask, Zarr) when first needed, untyped.
+
+    Raises:
+        MissingDependencyError: it is not installed (says to install ``xpoptim[dask]``).
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in ("dask", "zarr", "distributed", "google_crc32c"):
+            raise
+        raise MissingDependencyError(
+            f"the out-of-core store needs {top} ({exc.name} is not installed): "
+            "pip install 'xpoptim[dask]'"
+        ) from exc
+
+
+def _progress_default(progress: bool | None) -> bool:
+    """``progress=None``: a progress bar where a terminal shows it (stderr is a tty)."""
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
+    return bool(progress)
 
 
 def _phase(name: str) -> None:
     if _phase_hook is not None:
         _phase_hook(name)
-
-
-class StoreError(ValueError):
-    """The directory is not a complete xpoptim out-of-core store this version can use."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +197,9 @@ class OutOfCore:
     """An optimizer whose parameters and state live in a Zarr group on disk.
 
     Make one with `create` (new store) or `open` (existing store), then call
-    `step` once per gradient. Each step is crash-safe and idempotent (see the
-    module docstring and ``docs/out-of-core.md``).
+    `step` once per gradient. Each step is crash-safe and idempotent, one process
+    steps a store at a time, and every chunk is checksummed (see the module docstring
+    and ``docs/out-of-core.md``).
 
     Examples:
         >>> import numpy as np, tempfile, xpoptim
@@ -189,9 +224,15 @@ class OutOfCore:
         self.directory = Path(directory)
         self.optimizer = optimizer
         self.num_workers = num_workers
-        meta = _read_meta(self.directory)
+        meta = layout.read_meta(self.directory, _OPTIMIZERS)
         self._arrays: dict[str, dict[str, Any]] = meta["arrays"]
         self._fields: list[str] = meta["fields"]
+        if self._fields != list(optimizer._buffer_fields()):
+            raise StoreError(
+                f"{self.directory} holds the state {self._fields}, but this optimizer keeps "
+                f"{list(optimizer._buffer_fields())}: a store cannot change which state "
+                "buffers its optimizer has (e.g. RMSprop's momentum or centered)"
+            )
 
     # -- construction --------------------------------------------------------------------
 
@@ -207,57 +248,99 @@ class OutOfCore:
         overwrite: bool = False,
         num_workers: int | None = None,
         client: Any = None,
+        progress: bool | None = None,
     ) -> OutOfCore:
         """Create a store holding ``params`` and zero state, committed as step 0.
 
+        Every argument is checked before anything is written. Holds the store's writer
+        lock while it writes.
+
         Args:
-            directory: where to create it; must not exist or be empty unless ``overwrite``.
-            optimizer: an `xpoptim.SGD`, `xpoptim.RMSprop` or
-                `xpoptim.Adam`.
+            directory: where to create it: a new or empty directory, or, with
+                ``overwrite``, an xpoptim out-of-core store to replace.
+            optimizer: an `xpoptim.SGD`, `xpoptim.RMSprop`, `xpoptim.Adam`
+                or `xpoptim.AdamW`, with a config that JSON can store.
             params: name -> initial values: NumPy, Dask or Zarr arrays of a real floating
                 dtype (a Dask array is computed chunk by chunk, so it may be larger than
-                memory). Names must not contain ``/``.
-            chunks: Zarr chunk shape, for all parameters or per name. None: a Dask or Zarr
-                input keeps its (regular) chunks, others get chunks of about
-                ``chunk_bytes``.
-            chunk_bytes: the target chunk size when chunks are chosen automatically.
-            overwrite: delete whatever is in ``directory`` first.
+                memory). Names become directories: no ``/``, ``\\``, NUL, ``.`` or
+                ``..``, at most 255 UTF-8 bytes, and no two equal after case folding
+                and Unicode normalisation.
+            chunks: Zarr chunk shape (positive ints), for all parameters or per name.
+                None: a Dask or Zarr input keeps its (regular) chunks, others get chunks
+                of about ``chunk_bytes``.
+            chunk_bytes: the target chunk size (> 0) when chunks are chosen automatically.
+            overwrite: replace an existing xpoptim store in ``directory``. Anything that
+                is not recognisably such a store (a folder of other files) is refused,
+                and nothing is deleted.
             num_workers: threads used by this and later steps (local scheduler).
             client: a ``dask.distributed`` client to write the initial values with.
+            progress: show a progress bar; None (default): where stderr is a terminal.
 
         Returns:
             The store, at step 0.
-        """
-        da, zarr = _lazy("dask.array"), _lazy("zarr")
 
+        Raises:
+            StoreError: ``directory`` is not empty and not a store (or ``overwrite`` is
+                False), or another writer holds the store's lock.
+            ValueError, TypeError: a bad name, chunk shape, array or optimizer.
+        """
+        return cls._create(
+            directory,
+            optimizer,
+            params,
+            chunks=chunks,
+            chunk_bytes=chunk_bytes,
+            overwrite=overwrite,
+            num_workers=num_workers,
+            client=client,
+            progress=progress,
+            note=None,
+        )
+
+    @classmethod
+    def _create(
+        cls,
+        directory: str | os.PathLike[str],
+        optimizer: Optimizer,
+        params: Mapping[str, Any],
+        *,
+        chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None,
+        chunk_bytes: int,
+        overwrite: bool,
+        num_workers: int | None,
+        client: Any,
+        progress: bool | None,
+        note: str | None,
+        state: Mapping[str, Mapping[str, Any]] | None = None,
+        step: int = 0,
+    ) -> OutOfCore:
+        """`create`, recording ``note`` in the store's description (the demo marks the
+        stores it made, so that it replaces only those); with ``state`` (field -> name
+        -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
         if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
             raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
         _check_policy(optimizer)
         if not isinstance(params, Mapping) or not params:
             raise ValueError("params must be a non-empty mapping from names to arrays")
-        sources: dict[str, Any] = {}
-        for name, value in params.items():
-            if not isinstance(name, str) or not name or "/" in name or name.startswith("__"):
-                raise ValueError(
-                    f"params name {name!r} cannot name a Zarr array "
-                    "(needs a non-empty string without '/' not starting with '__')"
-                )
-            sources[name] = _as_dask(value, name, chunks, chunk_bytes)
+        layout.check_names(params)
+        layout.check_chunk_bytes(chunk_bytes)
+        # The commit pointer stores the config: check it can, before writing anything.
+        layout.check_storable_config(optimizer.get_config())
+        da, zarr = _lazy("dask.array"), _lazy("zarr")
+        sources = {
+            name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()
+        }
         check.params(sources)  # real floating dtypes, one namespace
-        try:  # the commit pointer stores the config: check it can, before writing anything
-            json.dumps(optimizer.get_config())
-        except TypeError as exc:
-            raise TypeError(
-                f"the optimizer's config cannot be stored as JSON ({exc}): use a number or "
-                "a built-in schedule (xpoptim.schedules) as learning_rate"
-            ) from exc
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()):
-            if not overwrite:
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(f"{directory} exists and is not a directory; nothing was changed")
+        if directory.is_dir():
+            layout.check_replaceable(directory)  # refuses a non-store before any write
+            if not overwrite and any(e.name != LOCK for e in directory.iterdir()):
                 raise FileExistsError(
-                    f"{directory} is not empty; pass overwrite=True to replace its contents"
+                    f"{directory} already holds an xpoptim out-of-core store; pass "
+                    "overwrite=True to replace it"
                 )
-            shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
 
         fields = list(optimizer._buffer_fields())
@@ -269,30 +352,141 @@ class OutOfCore:
             }
             for name, x in sources.items()
         }
-        meta = {
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "optimizer": type(optimizer).__name__,
             "fields": fields,
             "arrays": arrays,
         }
-        zarr.open_group(zarr.storage.LocalStore(directory), mode="w", attributes={"xpoptim": meta})
-        store = cls(directory, optimizer, num_workers)
-        targets = store._create_version("v0")
-        # State buffers start at zero: Zarr's fill value, so nothing is written for them.
-        store._compute(
-            da.store(
-                list(sources.values()),
-                [targets[f"params/{n}"] for n in sources],
-                lock=False,
-                compute=False,
-            ),
-            client,
-            progress=False,
-        )
-        _fsync_tree(directory, num_workers or os.cpu_count() or 1)
-        store._commit(0, "v0")
+        if note is not None:
+            meta["note"] = note
+        with writer_lock(directory):
+            # Again under the lock: what is there now is what gets replaced (another
+            # process may have created a store since the check above).
+            existing = layout.check_replaceable(directory)
+            if existing and not overwrite:
+                raise FileExistsError(
+                    f"{directory} already holds an xpoptim out-of-core store; pass "
+                    "overwrite=True to replace it"
+                )
+            layout.clear_store(directory, existing)
+            # Not mode="w": Zarr would empty the directory, the lock file included.
+            zarr.create_group(zarr.storage.LocalStore(directory), attributes={"xpoptim": meta})
+            store = cls(directory, optimizer, num_workers)
+            version = f"v{step}"
+            targets = store._create_version(version)
+            # Every chunk is written, the zero state included: a missing chunk is an error.
+            values = list(sources.values())
+            destinations = [targets[f"params/{n}"] for n in sources]
+            for n, x in sources.items():
+                for field in fields:
+                    if state is None:
+                        values.append(da.zeros(x.shape, dtype=x.dtype, chunks=x.chunks))
+                    else:
+                        values.append(state[field][n])
+                    destinations.append(targets[f"{field}/{n}"])
+            store._compute(
+                da.store(values, destinations, lock=False, compute=False),
+                client,
+                progress=_progress_default(progress),
+                num_workers=num_workers,
+            )
+            _fsync_tree(directory / version, num_workers or os.cpu_count() or 1)
+            fsync_path(directory / layout.ROOT_META)  # the store's description
+            fsync_path(directory)  # the entries v0 and zarr.json, before the pointer names v0
+            store._commit(step, version)
         return store
+
+    @classmethod
+    def upgrade(
+        cls,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        num_workers: int | None = None,
+        progress: bool | None = None,
+    ) -> OutOfCore:
+        """Copy a format-version-1 store (no chunk checksums) into a new store.
+
+        The committed step of ``source`` (parameters, state, step count, optimizer
+        config) is written to ``destination`` as a store of this version, checksummed;
+        ``source`` is only read, and can be deleted once the new store is checked.
+        Version 1 could not detect a corrupt chunk: the copy is only as good as the
+        data it read. Every chunk version 1 wrote must be present (all but the zero
+        state of step 0, which it left as Zarr's fill value).
+
+        Args:
+            source: a store written by an xpoptim of format version 1.
+            destination: a new or empty directory (not ``source``).
+            num_workers: threads for the copy and the new store's steps.
+            progress: show a progress bar; None: where stderr is a terminal.
+
+        Returns:
+            The new store, at the step ``source`` had committed.
+
+        Raises:
+            StoreError: ``source`` is not a complete version 1 store (a missing chunk
+                included), or ``destination`` is not new or empty.
+        """
+        da, zarr = _lazy("dask.array"), _lazy("zarr")
+        integrity = _lazy("xpoptim._outofcore_chunks")
+
+        source, destination = Path(source), Path(destination)
+        if destination.resolve() == source.resolve():
+            raise ValueError("upgrade writes a new store: destination must not be source")
+        if destination.is_dir() and any(e.name != LOCK for e in destination.iterdir()):
+            raise StoreError(f"{destination} is not empty: upgrade writes a new store")
+        meta = layout.read_meta(source, _OPTIMIZERS, version=1)
+        pointer = layout.read_pointer(source, version=1)
+        kind, fields, arrays = meta["optimizer"], meta["fields"], meta["arrays"]
+        try:
+            optimizer = _OPTIMIZERS[kind].from_config(dict(pointer["optimizer"]))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreError(
+                f"{source / POINTER} holds an optimizer config that {kind} refuses: {exc}"
+            ) from exc
+        if fields != list(optimizer._buffer_fields()):
+            raise StoreError(f"{source} holds the state {fields}, but {kind} keeps others")
+        step, version = pointer["step"], pointer["version"]
+        keys = {f"params/{n}": m for n, m in arrays.items()}
+        if step > 0:
+            keys.update({f"{f}/{n}": m for f in fields for n, m in arrays.items()})
+        integrity.check_chunks_present(source / version, keys)
+        reader = zarr.storage.LocalStore(source, read_only=True)
+
+        def load(key: str) -> Any:
+            where = f"{source}/{version}/{key}"
+            try:
+                a = zarr.open_array(reader, path=f"{version}/{key}", mode="r")
+            except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
+                raise StoreError(f"the committed array {where} is missing: {exc}") from exc
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise StoreError(f"the metadata of {where} is damaged: {exc}") from exc
+            want = keys.get(key, arrays[key.split("/", 1)[1]])
+            got = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+            if got != want:
+                raise StoreError(f"the committed array {where} is {got}, the store says {want}")
+            return da.from_zarr(a)
+
+        params = {n: load(f"params/{n}") for n in arrays}
+        state = None
+        if step > 0:
+            state = {f: {n: load(f"{f}/{n}") for n in arrays} for f in fields}
+        return cls._create(
+            destination,
+            optimizer,
+            params,
+            chunks={n: tuple(m["chunks"]) for n, m in arrays.items()},
+            chunk_bytes=DEFAULT_CHUNK_BYTES,
+            overwrite=False,
+            num_workers=num_workers,
+            client=None,
+            progress=progress,
+            note=None,
+            state=state,
+            step=step,
+        )
 
     @classmethod
     def open(
@@ -303,7 +497,7 @@ class OutOfCore:
         reconfigure: bool = False,
         num_workers: int | None = None,
     ) -> OutOfCore:
-        """Open an existing store. Nothing on disk changes.
+        """Open an existing store. Nothing on disk changes; no lock is taken.
 
         Args:
             directory: a directory made by `create`.
@@ -311,22 +505,29 @@ class OutOfCore:
                 stored configuration. It must be of the stored type, and configured as
                 committed unless ``reconfigure`` (e.g. a learning-rate schedule).
             reconfigure: accept an ``optimizer`` whose hyperparameters differ from the
-                committed ones; the next step commits the new configuration.
+                committed ones; the next step commits the new configuration (so it must
+                be one JSON can store).
             num_workers: threads of the local scheduler for the steps.
 
         Raises:
             StoreError: not an xpoptim store, another format version, another optimizer,
-                no committed step, or a missing or altered array.
+                no committed step, a malformed pointer or description, or a missing or
+                altered array or chunk.
+            TypeError: ``reconfigure`` with a config that cannot be stored.
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no out-of-core store at {directory}: not a directory")
-        meta = _read_meta(directory)
-        pointer = _read_pointer(directory)
+        meta = layout.read_meta(directory, _OPTIMIZERS)
+        pointer = layout.read_pointer(directory)
         kind = meta["optimizer"]
         if optimizer is None:
-            config = dict(pointer["optimizer"])
-            optimizer = _OPTIMIZERS[kind].from_config(config)
+            try:
+                optimizer = _OPTIMIZERS[kind].from_config(dict(pointer["optimizer"]))
+            except (TypeError, ValueError, KeyError) as exc:
+                raise StoreError(
+                    f"{directory / POINTER} holds an optimizer config that {kind} refuses: {exc}"
+                ) from exc
         elif type(optimizer).__name__ != kind:
             raise StoreError(
                 f"{directory} was written by the optimizer {kind}, not {type(optimizer).__name__}"
@@ -337,8 +538,10 @@ class OutOfCore:
                 f"given is configured {optimizer.get_config()}; pass reconfigure=True to "
                 "continue with the new hyperparameters"
             )
+        else:
+            layout.check_storable_config(optimizer.get_config())
         store = cls(directory, optimizer, num_workers)
-        store._open_version(pointer["version"])  # every array present, as described
+        store._open_version(pointer["version"])  # every array and chunk present, as described
         return store
 
     # -- what is committed ---------------------------------------------------------------
@@ -346,12 +549,12 @@ class OutOfCore:
     @property
     def step_count(self) -> int:
         """The number of committed steps (read from the pointer on disk)."""
-        return int(_read_pointer(self.directory)["step"])
+        return int(layout.read_pointer(self.directory)["step"])
 
     @property
     def version(self) -> str:
         """The committed version's group name (``"v{k}"``)."""
-        return str(_read_pointer(self.directory)["version"])
+        return str(layout.read_pointer(self.directory)["version"])
 
     @property
     def names(self) -> list[str]:
@@ -366,21 +569,44 @@ class OutOfCore:
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
 
+        They read the committed version: once a later step commits, that version is
+        deleted and reading them raises a `StoreError` (a missing chunk is never read
+        as zeros). Use `read` for a consistent copy while another process steps.
+
         Returns:
             ``(params, state)``: name -> ``zarr.Array``, and the optimizer's state
             NamedTuple (``step`` a Python int) holding Zarr arrays.
         """
-        pointer = _read_pointer(self.directory)
+        pointer = layout.read_pointer(self.directory)
         arrays = self._open_version(pointer["version"], mode="r")
         params = {n: arrays[f"params/{n}"] for n in self._arrays}
         buffers = {f: {n: arrays[f"{f}/{n}"] for n in self._arrays} for f in self._fields}
         return params, self.optimizer.State(int(pointer["step"]), **buffers)
 
     def read(self) -> tuple[dict[str, Any], Any]:
-        """The committed parameters and state loaded as NumPy arrays (small stores only)."""
-        params, state = self.arrays()
-        buffers = {f: {n: a[...] for n, a in getattr(state, f).items()} for f in self._fields}
-        return {n: a[...] for n, a in params.items()}, self.optimizer.State(state.step, **buffers)
+        """The committed parameters and state loaded as NumPy arrays (small stores only).
+
+        Always one committed step, whole, even while another process steps the store:
+        if a commit replaces the version being read, the read starts again on the new
+        one (up to `READ_ATTEMPTS` times).
+
+        Raises:
+            StoreError: a missing or corrupt chunk (or the store kept changing).
+        """
+        for attempt in range(READ_ATTEMPTS):
+            version = self.version
+            try:
+                params, state = self.arrays()
+                buffers = {
+                    f: {n: a[...] for n, a in getattr(state, f).items()} for f in self._fields
+                }
+                loaded = {n: a[...] for n, a in params.items()}
+            except (StoreError, FileNotFoundError):
+                if attempt + 1 == READ_ATTEMPTS or self.version == version:
+                    raise
+                continue  # a step committed and deleted what was being read
+            return loaded, self.optimizer.State(state.step, **buffers)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- one step -------------------------------------------------------------------------
 
@@ -392,13 +618,16 @@ class OutOfCore:
         client: Any = None,
         num_workers: int | None = None,
         rechunk: bool = False,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> StepSummary:
         """Apply one optimizer step to the store, crash-safely.
 
-        Everything is checked before anything on disk changes. The step then writes
-        version ``v{k+1}`` beside the committed ``v{k}``, flushes it, commits it by
-        replacing the pointer atomically, and deletes ``v{k}``.
+        Everything is checked before anything on disk changes: the arguments, the
+        committed version's arrays and the presence of every chunk (each chunk's checksum
+        is checked as it is read; a mismatch fails the step before the commit). The step
+        then writes version ``v{k+1}`` beside the committed ``v{k}``, flushes it, commits
+        it by replacing the pointer atomically, and deletes ``v{k}``, all while holding
+        the store's writer lock.
 
         Args:
             grads: name -> gradient: a Dask array (computed chunk by chunk, e.g. streamed
@@ -412,19 +641,37 @@ class OutOfCore:
             num_workers: threads of the local scheduler (default: the store's).
             rechunk: rechunk gradients whose chunks differ from the parameters' instead of
                 raising.
-            progress: show Dask's progress bar.
+            progress: show a progress bar (Dask's, on stderr); None (default): where
+                stderr is a terminal.
 
         Returns:
             A `StepSummary` (``str()`` gives a one-line report).
+
+        Raises:
+            StoreError: another writer holds the lock, or the committed version is
+                damaged (a missing array or chunk, a checksum mismatch).
         """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int, got {step!r}")
+        with writer_lock(self.directory):
+            _phase("locked")
+            return self._step(grads, step, client, num_workers, rechunk, progress)
+
+    def _step(
+        self,
+        grads: Mapping[str, Any],
+        step: int | None,
+        client: Any,
+        num_workers: int | None,
+        rechunk: bool,
+        progress: bool | None,
+    ) -> StepSummary:
         da = _lazy("dask.array")
 
         start = time.perf_counter()
-        pointer = _read_pointer(self.directory)
+        pointer = layout.read_pointer(self.directory)
         committed = int(pointer["step"])
         if step is not None:
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise TypeError(f"step must be an int, got {step!r}")
             if step <= committed:
                 # Already committed: nothing to do but tidy what a crash after the commit
                 # may have left (the previous version, a temporary pointer).
@@ -436,6 +683,7 @@ class OutOfCore:
                     f"the next step is {committed + 1}"
                 )
         self.optimizer._validate_hyperparameters()
+        layout.check_storable_config(self.optimizer.get_config())
         old = self._open_version(pointer["version"], mode="r")
         gradients = self._check_grads(grads, rechunk)
         # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
@@ -474,7 +722,13 @@ class OutOfCore:
             destinations.extend(targets[key] for key in (f"params/{n}", *self._field_keys(n)))
         stored = da.store(sources, destinations, lock=False, compute=False)
         workers = num_workers or self.num_workers
-        self._compute(stored, client, progress=progress, num_workers=workers)
+        try:
+            self._compute(stored, client, progress=_progress_default(progress), num_workers=workers)
+        except BaseException:
+            # A corrupt chunk, a NaN with nonfinite="raise", an interrupt: nothing is
+            # committed, and the partial v{k+1} goes now rather than at the next step.
+            shutil.rmtree(self.directory / new_version, ignore_errors=True)
+            raise
         _phase("stored")
         flush_start = time.perf_counter()
         _fsync_tree(self.directory / new_version, workers or os.cpu_count() or 1)
@@ -485,7 +739,7 @@ class OutOfCore:
         _phase("committed")
         self._collect_garbage(keep=new_version)
         _phase("collected")
-        nbytes = sum(math.prod(a["shape"]) * _itemsize(a["dtype"]) for a in self._arrays.values())
+        nbytes = sum(layout.nbytes(a) for a in self._arrays.values())
         buffers = 1 + len(self._fields)
         return StepSummary(
             step=committed + 1,
@@ -550,6 +804,7 @@ class OutOfCore:
     def _create_version(self, version: str) -> dict[str, Any]:
         """Empty arrays for ``version`` (replacing leftovers of an interrupted attempt)."""
         zarr = _lazy("zarr")
+        chunks = _lazy("xpoptim._outofcore_chunks")
 
         path = self.directory / version
         if path.exists():
@@ -565,33 +820,47 @@ class OutOfCore:
                 chunks=tuple(meta["chunks"]),
                 dtype=meta["dtype"],
                 fill_value=0,
-                compressors=None,  # float state barely compresses; it would cost time
-                # Write every chunk: skips a comparison pass per chunk and makes the
-                # bytes written predictable.
+                # No compression (float state barely compresses; it would cost time),
+                # a CRC-32C checksum per chunk.
+                compressors=chunks.CODECS,
+                # Write every chunk: a missing chunk is an error, never the fill value.
                 config={"write_empty_chunks": True},
             )
         return arrays
 
     def _open_version(self, version: str, mode: str = "r") -> dict[str, Any]:
-        """The arrays of ``version``, checked against the store's description."""
+        """The arrays of ``version``, checked against the store's description, reading
+        through `CheckedStore` (a missing or corrupt chunk raises); every chunk file
+        must be present."""
         zarr = _lazy("zarr")
+        chunks = _lazy("xpoptim._outofcore_chunks")
 
+        store = chunks.CheckedStore(self.directory, read_only=mode == "r")
         arrays = {}
         for key in self._paths():
             where = f"{self.directory}/{version}/{key}"
             try:
-                a = zarr.open_array(
-                    zarr.storage.LocalStore(self.directory, read_only=mode == "r"),
-                    path=f"{version}/{key}",
-                    mode=mode,
-                )
+                a = zarr.open_array(store, path=f"{version}/{key}", mode=mode)
             except (FileNotFoundError, zarr.errors.BaseZarrError) as exc:
                 raise StoreError(f"the committed array {where} is missing: {exc}") from exc
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # Invalid JSON, or metadata Zarr cannot parse (it raises all of these).
+                raise StoreError(
+                    f"the metadata of the committed array {where} ({where}/zarr.json) is "
+                    f"damaged: {type(exc).__name__}: {exc}"
+                ) from exc
             meta = self._arrays[key.split("/", 1)[1]]
             got = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
             if got != meta:
                 raise StoreError(f"the committed array {where} is {got}, the store says {meta}")
+            if not any(isinstance(c, chunks.Crc32cCodec) for c in a.compressors):
+                raise StoreError(
+                    f"the committed array {where} has no chunk checksums (codecs "
+                    f"{a.compressors}): it was replaced outside xpoptim"
+                )
             arrays[key] = a
+        described = {key: self._arrays[key.split("/", 1)[1]] for key in self._paths()}
+        chunks.check_chunks_present(self.directory / version, described)
         return arrays
 
     def _commit(self, step: int, version: str) -> None:
@@ -609,7 +878,7 @@ class OutOfCore:
     def _collect_garbage(self, keep: str) -> None:
         """Delete every version but ``keep``, and temporary files a killed step left."""
         for entry in self.directory.iterdir():
-            if entry.is_dir() and _VERSION.fullmatch(entry.name) and entry.name != keep:
+            if entry.is_dir() and layout.VERSION_NAME.fullmatch(entry.name) and entry.name != keep:
                 shutil.rmtree(entry, ignore_errors=True)
             elif is_temporary(entry.name, POINTER) or entry.name.endswith(".partial"):
                 # A temporary pointer, or a metadata file Zarr was writing (it writes
@@ -630,7 +899,7 @@ class OutOfCore:
             return
         bar: Any = contextlib.nullcontext()
         if progress:
-            bar = _lazy("dask.diagnostics").ProgressBar()
+            bar = _lazy("dask.diagnostics").ProgressBar(out=sys.stderr)
         with bar:
             dask.compute(stored, scheduler="threads", num_workers=num_workers)
 
@@ -665,10 +934,6 @@ def _update_chunk(
     return (new_params[param], *(getattr(new_state, f)[param] for f in fields))
 
 
-def _itemsize(dtype: str) -> int:
-    return int(np.dtype(dtype).itemsize)
-
-
 def _describe_chunks(chunks: tuple[tuple[int, ...], ...]) -> str:
     regular = _regular_chunks(chunks)
     return str(regular) if regular is not None else f"irregular {chunks}"
@@ -681,6 +946,8 @@ def _as_dask(value: Any, name: str, chunks: Any, chunk_bytes: int) -> Any:
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise TypeError(f"params[{name!r}] is not an array: {type(value).__name__}")
     wanted = chunks.get(name) if isinstance(chunks, Mapping) else chunks
+    if wanted is not None:
+        wanted = layout.check_chunks(wanted, name, len(value.shape))
     if isinstance(value, da.Array):
         x = value
     elif type(value).__module__.startswith("zarr"):
@@ -691,42 +958,3 @@ def _as_dask(value: Any, name: str, chunks: Any, chunk_bytes: int) -> Any:
     if wanted is None and _regular_chunks(x.chunks) is None:
         wanted = tuple(max(dim) if dim else 1 for dim in x.chunks)
     return x if wanted is None else x.rechunk(wanted)
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    try:
-        root = json.loads((directory / "zarr.json").read_text())
-    except FileNotFoundError as exc:
-        raise StoreError(f"{directory} is not an xpoptim out-of-core store (no zarr.json)") from exc
-    except ValueError as exc:
-        raise StoreError(f"{directory}/zarr.json is not valid JSON: {exc}") from exc
-    meta = root.get("attributes", {}).get("xpoptim")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{directory} is a Zarr group but not an xpoptim out-of-core store")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{directory} has out-of-core format version {meta.get('format_version')!r}; "
-            f"this xpoptim reads version {FORMAT_VERSION}"
-        )
-    if meta.get("optimizer") not in _OPTIMIZERS:
-        raise StoreError(f"{directory} holds an unknown optimizer {meta.get('optimizer')!r}")
-    return meta
-
-
-def _read_pointer(directory: Path) -> dict[str, Any]:
-    path = directory / POINTER
-    try:
-        pointer = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise StoreError(
-            f"{directory} has no committed step ({POINTER} is missing): its creation did not "
-            "finish; create it again with overwrite=True"
-        ) from exc
-    except ValueError as exc:  # cannot happen with the atomic write, but say so if it does
-        raise StoreError(f"{path} is not valid JSON: {exc}") from exc
-    if pointer.get("format") != FORMAT or pointer.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{path} is not an xpoptim out-of-core pointer of format version {FORMAT_VERSION}: "
-            f"format {pointer.get('format')!r}, version {pointer.get('format_version')!r}"
-        )
-    return pointer  # type: ignore[no-any-return]

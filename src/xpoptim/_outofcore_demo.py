@@ -36,25 +36,91 @@ import numpy as np
 
 from ._optimizers import Adam
 from ._outofcore import DEFAULT_CHUNK_BYTES, OutOfCore, _lazy
+from ._outofcore_layout import LOCK, StoreError, describe_entries, read_meta
 
 #: Width of the synthetic weight matrices (float32: 4 KiB per row).
 WIDTH = 1024
 #: Weight matrices in the synthetic set (each with a bias vector).
 LAYERS = 4
 
+#: The note in the description of the stores this demo creates: it replaces only those.
+DEMO_NOTE = "made by the xpoptim out-of-core demo"
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``"3GB"``, ``"512MiB"``, ``"1.5e9"`` or an int (GB = 1e9, GiB = 2**30)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _UNITS:
-        raise ValueError(f"size {text!r}: expected a number with an optional unit like 3GB, 512MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    """Bytes from ``"3GB"``, ``"512MiB"``, ``"1.5e9"`` or an int (GB = 1e9, GiB = 2**30).
+
+    Raises:
+        ValueError: not a positive size with one of the units B, KB, MB, GB, TB, KiB,
+            MiB, GiB, TiB (``"1G"`` is refused: say GB or GiB).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else ""
+        try:
+            value = float(match.group(1)) * _UNITS[unit] if match else math.nan
+        except (KeyError, ValueError):
+            value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(
+            f"size {text!r}: expected a positive number with an optional unit B, KB, MB, GB, "
+            "TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 3GB or 512MiB"
+        )
+    return int(value)
+
+
+def size_argument(text: str) -> int:
+    """`parse_size` for argparse: a bad size is a usage error, not a traceback."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def require_dask() -> None:
+    """Import Dask and Zarr now, or raise `xpoptim._outofcore.MissingDependencyError`
+    (which says to install ``xpoptim[dask]``) before anything is written."""
+    for module in ("dask.array", "zarr"):
+        _lazy(module)
+
+
+def demo_directory(directory: str | Path) -> bool:
+    """Whether the demo may use ``directory``, and whether it must replace a store there.
+
+    A new or empty directory is used as it is; a store that this demo made (its
+    description carries `DEMO_NOTE`) is replaced; anything else is refused: the demo
+    never deletes what it did not create.
+
+    Returns:
+        True when a previous demo store is to be replaced.
+
+    Raises:
+        StoreError: ``directory`` holds anything else (the message lists what).
+    """
+    path = Path(directory)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a directory: the demo needs a directory")
+    entries = [e.name for e in path.iterdir() if e.name != LOCK]
+    if not entries:
+        return False
+    try:
+        note = read_meta(path, (), any_version=True).get("note")
+    except StoreError:
+        note = None
+    if note != DEMO_NOTE:
+        raise StoreError(
+            f"{path} is not empty and is not a store made by this demo: it holds "
+            f"{describe_entries(entries)}. The demo never deletes what it did not create, "
+            "so nothing was changed: give it a new or empty directory"
+        )
+    return True
 
 
 def synthetic_block(
@@ -220,13 +286,14 @@ def run_out_of_core_demo(
     num_workers: int | None = None,
     samples: int = 8,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
     echo: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Run Adam out of core on a synthetic parameter set of ``size_bytes`` in ``directory``.
 
     Args:
-        directory: where the Zarr store goes (replaced if it exists).
+        directory: where the Zarr store goes: a new or empty directory, or a store an
+            earlier run of this demo made (replaced). Anything else is refused.
         size_bytes: total footprint of parameters + Adam state (2 buffers) + gradient,
             in bytes or as text (``"3GB"``); the parameters get a quarter of it.
         steps: Adam steps to run.
@@ -234,8 +301,12 @@ def run_out_of_core_demo(
         num_workers: threads (None: one per CPU).
         samples: chunks checked against the in-memory optimizer at the end.
         seed: seed of the synthetic data.
-        progress: show Dask's progress bar during each step.
+        progress: show a progress bar during each step; None: where stderr is a terminal.
         echo: where the report lines go.
+
+    Raises:
+        StoreError: ``directory`` holds something this demo did not create.
+        MissingDependencyError: Dask or Zarr is not installed.
 
     Returns:
         The figures: ``size_bytes``, ``param_bytes``, ``steps``, ``step_seconds``,
@@ -243,6 +314,8 @@ def run_out_of_core_demo(
         ``peak_rss_bytes``, ``create_seconds``, ``verified_chunks``.
     """
     size = parse_size(size_bytes)
+    require_dask()
+    replace = demo_directory(directory)
     optimizer = Adam(learning_rate=1e-3)
     buffers = 2 + len(optimizer._buffer_fields())  # params + state + gradient
     itemsize = 4
@@ -255,12 +328,17 @@ def run_out_of_core_demo(
         f"chunks {chunk_bytes / 2**20:.0f} MiB, threads {num_workers or 'auto'}"
     )
     start = time.perf_counter()
-    store = OutOfCore.create(
+    store = OutOfCore._create(
         directory,
         optimizer,
         synthetic_arrays(layout, seed, 0),
-        overwrite=True,
+        chunks=None,
+        chunk_bytes=chunk_bytes,
+        overwrite=replace,
         num_workers=num_workers,
+        client=None,
+        progress=progress,
+        note=DEMO_NOTE,
     )
     create_s = time.perf_counter() - start
     echo(f"created step 0 in {create_s:.1f} s")
@@ -313,29 +391,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m xpoptim._outofcore_demo DIR --size 3GB [--max-memory 1GiB]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
-    parser.add_argument("--size", default="3GB", help="data size, e.g. 3GB (default)")
+    parser.add_argument(
+        "--size", type=size_argument, default="3GB", help="data size, e.g. 3GB (default)"
+    )
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_BYTES), help="e.g. 16MiB")
+    parser.add_argument(
+        "--chunk-size", type=size_argument, default=DEFAULT_CHUNK_BYTES, help="e.g. 16MiB"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar per step (default: when stderr is a terminal)",
+    )
     parser.add_argument(
         "--max-memory",
+        type=size_argument,
         default=None,
         help="hard cap on this process's address space (RLIMIT_AS), e.g. 1GiB",
     )
     args = parser.parse_args(argv)
-    if args.max_memory:
-        cap_address_space(parse_size(args.max_memory))
-    run_out_of_core_demo(
-        args.directory,
-        args.size,
-        steps=args.steps,
-        chunk_bytes=parse_size(args.chunk_size),
-        num_workers=args.threads,
-        samples=args.samples,
-        progress=args.progress,
-    )
+    return run_cli(parser, args.directory, args.size, args, samples=args.samples)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser, directory: str, size: int, args: Any, *, samples: int = 8
+) -> int:
+    """Run the demo for a command line: a missing dependency or a directory the demo
+    may not use ends in a one-line error (exit status 1), not a traceback."""
+    from ._outofcore import MissingDependencyError
+
+    try:
+        require_dask()
+        demo_directory(directory)
+        if args.max_memory:
+            cap_address_space(args.max_memory)
+        run_out_of_core_demo(
+            directory,
+            size,
+            steps=args.steps or 3,
+            chunk_bytes=args.chunk_size,
+            num_workers=args.threads,
+            samples=samples,
+            seed=getattr(args, "seed", 0),
+            progress=args.progress,
+        )
+    except (MissingDependencyError, StoreError) as exc:
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     return 0
 
 

@@ -62,10 +62,7 @@ def _expression(op: str, a: list[str]) -> str:
 def cuda_source(graph: Graph) -> ElementwiseSource:
     """The ``ElementwiseKernel`` of ``graph``: inputs ``x1`` (gradient) and ``s0...``
     (scalars), outputs ``x0`` (parameter) and ``x2...`` (buffers), read and written."""
-    name: dict[int, str] = {}
-    scalar_nodes = graph.kernel_scalars()
-    for position, index in enumerate(scalar_nodes):
-        name[index] = f"s{position}"
+    name = graph.argument_names()
     lines = []
     for index, node in enumerate(graph.nodes):
         if node.op == "input":
@@ -78,12 +75,12 @@ def cuda_source(graph: Graph) -> ElementwiseSource:
             lines.append(f"const {kind} t{index} = {_expression(node.op, args)};")
     for role, index in zip(graph.written_roles, graph.outputs, strict=True):
         lines.append(f"x{role} = {name[index]};")
-    in_params = ", ".join(["T x1", *[f"T s{k}" for k in range(len(scalar_nodes))]])
+    in_params = ", ".join(["T x1", *[f"T {s}" for s in graph.argument_names().values()]])
     out_params = ", ".join(f"T x{role}" for role in graph.written_roles)
     return ElementwiseSource(
         in_params=in_params,
         out_params=out_params,
         operation="\n".join(lines),
         name=f"xpoptim_{graph.rule.rsplit('.', 1)[-1]}_{graph.fingerprint()}",
-        scalars=len(scalar_nodes),
+        scalars=len(graph.kernel_scalars()),
     )

@@ -134,6 +134,10 @@ class Graph:
                         used.append(arg)
         return tuple(used)
 
+    def argument_names(self) -> dict[int, str]:
+        """The name of each kernel argument in emitted source: ``s0``, ``s1``, ..."""
+        return {index: f"s{k}" for k, index in enumerate(self.kernel_scalars())}
+
     def kernel_arguments(self, scalars: Mapping[str, Any], cast: Any = None) -> list[Any]:
         """The kernel's scalar arguments for these hyperparameters.
 

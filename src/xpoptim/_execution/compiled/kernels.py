@@ -42,14 +42,23 @@ from .trace import Untraceable, trace
 
 LOG = logging.getLogger("xpoptim")
 
-numba: Any
-try:  # numba is a dependency of the default install; xpoptim runs without it
-    import numba
+#: Why there is no compiled NumPy path, or None. numba is a dependency of the default
+#: install, and xpoptim runs without it (the blocked path). Importing numba takes about
+#: half a second, so it is imported when the first kernel is built, not with xpoptim.
+NUMBA_MISSING: str | None = (
+    None if importlib.util.find_spec("numba") else "numba is not installed: pip install numba"
+)
 
-    NUMBA_MISSING: str | None = None
-except ImportError as _exc:  # pragma: no cover - the nonumba nox session covers this
-    numba = None
-    NUMBA_MISSING = f"numba is not installed ({_exc}): pip install numba"
+
+def _numba() -> Any:
+    """The numba module (imported on first use); sets `NUMBA_MISSING` if it fails."""
+    global NUMBA_MISSING
+    try:
+        import numba
+    except ImportError as exc:  # installed but broken (e.g. built for another NumPy)
+        NUMBA_MISSING = f"numba cannot be imported ({exc})"
+        raise
+    return numba
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +134,7 @@ def cache_directory() -> Path:
         base = os.environ.get("XPOPTIM_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xpoptim"
         )
-        version = getattr(numba, "__version__", "none")
-        path = Path(base) / f"kernels-numba{version}-e{EMITTER_VERSION}"
+        path = Path(base) / f"kernels-numba{_numba().__version__}-e{EMITTER_VERSION}"
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".probe-{os.getpid()}"
@@ -188,7 +196,10 @@ def numba_kernel(
             LOG.debug("xpoptim: %s; it runs on the plain path", refusal.reason)
             _KERNELS[key] = refusal
             return refusal
-        kernel = _build(graph, np.dtype(dtype))
+        try:
+            kernel = _build(graph, np.dtype(dtype))
+        except ImportError:
+            return NoKernel(str(NUMBA_MISSING))
         existing = _KERNELS.get(key)
         _KERNELS[key] = [*(existing if isinstance(existing, list) else []), kernel]
         return kernel
@@ -205,10 +216,17 @@ def elementwise(
 
     Needs no numba: the blocked path asks too, so that a reduction never runs per block.
     """
-    key = (rule, roles, tuple((name, type(value), bool(value)) for name, value in scalars.items()))
+    # Only numbers are read: a lazy or traced scalar (a Dask or JAX 0-d array) would be
+    # computed by bool(). Whether a rule is elementwise does not depend on such values, so
+    # it is traced with a stand-in.
+    readable = {
+        name: value if isinstance(value, int | float | np.generic) else 1.0
+        for name, value in scalars.items()
+    }
+    key = (rule, roles, tuple((name, type(v), bool(v)) for name, v in readable.items()))
     if key not in _TRACED:
         try:
-            trace(rule, roles, scalars)
+            trace(rule, roles, readable)
         except Untraceable as exc:
             refusal = untraceable(rule, exc)
             LOG.debug("xpoptim: %s; it runs on the plain path", refusal.reason)
@@ -242,6 +260,7 @@ def _build(graph: Graph, dtype: np.dtype[Any]) -> Kernel:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[name] = module
+    numba = _numba()
     scalar_type = numba.from_dtype(dtype)
     signature = (
         numba.types.Array(numba.types.intp, 2, "C"),

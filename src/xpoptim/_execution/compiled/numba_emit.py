@@ -54,9 +54,7 @@ def _expression(graph: Graph, index: int, name: dict[int, str]) -> str:
 
 def _body(graph: Graph, indent: str) -> tuple[list[str], dict[int, str]]:
     """The per-element statements, and the variable holding each node."""
-    name: dict[int, str] = {}
-    for position, index in enumerate(graph.kernel_scalars()):
-        name[index] = f"s{position}"
+    name = graph.argument_names()
     lines = []
     for index, node in enumerate(graph.nodes):
         if node.op == "input":

@@ -41,6 +41,8 @@ _STRIDED = NoKernel("parameter, gradient and state do not share one contiguous m
 #: Below this many elements a step runs in the calling thread: starting threads would
 #: cost more than they save (measured: about 20 us per handover).
 PARALLEL_MIN_ELEMENTS = 1 << 17
+#: At most this many pieces per thread (each at least PARALLEL_MIN_ELEMENTS long).
+PIECES_PER_THREAD = 4
 
 
 def run(
@@ -179,13 +181,16 @@ def launch(
         kernel.in_place(table, sizes, *arguments)
         return
     key = (rule, "compiled", total.bit_length())
-    parts = TUNER.choose(key, threads) if options.tuned() else threads
+    chosen = TUNER.choose(key, threads) if options.tuned() else threads
+    # A few pieces per thread, taken in turn: a thread that loses its core for a while
+    # (another job) leaves its remaining pieces to the others instead of holding the step.
+    parts = chosen * max(1, min(PIECES_PER_THREAD, total // (PARALLEL_MIN_ELEMENTS * chosen)))
     pieces = partition(table, sizes, parts, kernel.dtype.itemsize)
     start = time.perf_counter()
     tasks = [functools.partial(kernel.in_place, t, s, *arguments) for t, s in pieces]
-    POOL.run(tasks, len(tasks))
+    POOL.run(tasks, chosen)
     if options.tuned():
-        TUNER.record(key, parts, (time.perf_counter() - start) / total)
+        TUNER.record(key, chosen, (time.perf_counter() - start) / total)
 
 
 def partition(

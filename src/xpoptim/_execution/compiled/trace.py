@@ -105,18 +105,18 @@ def _binary(op: str, reflected: bool = False) -> Callable[[Any, Any], Any]:
     return method
 
 
-class SymbolicArray(_Symbol):
-    """An array inside a trace: its operators record nodes (in-place ones rebind)."""
+class _Arithmetic(_Symbol):
+    """The operators arrays and scalars share: each records one node."""
 
     __slots__ = ()
 
-    __add__ = __iadd__ = _binary("add")
+    __add__ = _binary("add")
     __radd__ = _binary("add", reflected=True)
-    __sub__ = __isub__ = _binary("sub")
+    __sub__ = _binary("sub")
     __rsub__ = _binary("sub", reflected=True)
-    __mul__ = __imul__ = _binary("mul")
+    __mul__ = _binary("mul")
     __rmul__ = _binary("mul", reflected=True)
-    __truediv__ = __itruediv__ = _binary("div")
+    __truediv__ = _binary("div")
     __rtruediv__ = _binary("div", reflected=True)
     __gt__ = _binary("gt")
     __ge__ = _binary("ge")
@@ -128,11 +128,23 @@ class SymbolicArray(_Symbol):
     def __neg__(self) -> Any:
         return _apply(self.recorder, "neg", self)
 
-    def __pos__(self) -> Any:
-        return self
-
     def __abs__(self) -> Any:
         return _apply(self.recorder, "abs", self)
+
+
+class SymbolicArray(_Arithmetic):
+    """An array inside a trace: its operators record nodes; in-place ones rebind, as on
+    JAX (the rule returns what it computed, so rebinding is all it needs)."""
+
+    __slots__ = ()
+
+    __iadd__ = _Arithmetic.__add__
+    __isub__ = _Arithmetic.__sub__
+    __imul__ = _Arithmetic.__mul__
+    __itruediv__ = _Arithmetic.__truediv__
+
+    def __pos__(self) -> Any:
+        return self
 
     def __pow__(self, exponent: Any) -> Any:
         # NumPy computes ``x**2`` as ``square(x)`` and ``x**0.5`` as ``sqrt(x)``; other
@@ -159,7 +171,7 @@ class SymbolicArray(_Symbol):
         raise Untraceable("item assignment")
 
 
-class SymbolicScalar(_Symbol):
+class SymbolicScalar(_Arithmetic):
     """A hyperparameter (or arithmetic on hyperparameters) inside a trace.
 
     It knows its value in the traced call, so a rule may branch on its truth
@@ -172,21 +184,6 @@ class SymbolicScalar(_Symbol):
         super().__init__(recorder, index)
         self.value = value
 
-    __add__ = _binary("add")
-    __radd__ = _binary("add", reflected=True)
-    __sub__ = _binary("sub")
-    __rsub__ = _binary("sub", reflected=True)
-    __mul__ = _binary("mul")
-    __rmul__ = _binary("mul", reflected=True)
-    __truediv__ = _binary("div")
-    __rtruediv__ = _binary("div", reflected=True)
-    __gt__ = _binary("gt")
-    __ge__ = _binary("ge")
-    __lt__ = _binary("lt")
-    __le__ = _binary("le")
-    __eq__ = _binary("eq")
-    __ne__ = _binary("ne")
-
     def __pow__(self, exponent: Any) -> Any:
         if isinstance(exponent, SymbolicArray):
             raise Untraceable("a power with an array exponent")
@@ -198,12 +195,6 @@ class SymbolicScalar(_Symbol):
             raise Untraceable("an array raised to a hyperparameter's power")
         index, _ = _operand(self.recorder, base)
         return _scalar(self.recorder, Node("pow", (index, self.index), array=False))
-
-    def __neg__(self) -> Any:
-        return _apply(self.recorder, "neg", self)
-
-    def __abs__(self) -> Any:
-        return _apply(self.recorder, "abs", self)
 
     def __bool__(self) -> bool:
         truth = bool(self.value)
