@@ -424,6 +424,18 @@ def test_nonfinite_skip_skips_the_whole_update():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["LAMB", "LARS", "Adafactor", "Muon"])
+def test_out_of_core_refuses_them_and_writes_nothing(kind, tmp_path):
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    opt = getattr(xpoptim, kind)()
+    assert not opt.elementwise
+    assert xpoptim.Adam.elementwise
+    with pytest.raises(TypeError, match=f"OutOfCore cannot step {kind}: its update is not elem"):
+        xpoptim.OutOfCore.create(tmp_path / "s", opt, {"w": np.ones((4, 4))}, chunks={"w": (2, 2)})
+    assert not (tmp_path / "s").exists()
+
+
 # -- lazily on Dask, under jax.jit --------------------------------------------------------
 
 
