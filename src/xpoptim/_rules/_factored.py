@@ -4,14 +4,15 @@ arrays, so it runs on whole arrays (the plain path)."""
 
 from __future__ import annotations
 
-import math
-
 from .._compat import Array, Namespace
 
 
 def _rms(x: Array, *, xp: Namespace) -> Array:
     """The root mean square of all elements of ``x``: ``||x|| / sqrt(x.size)``, 0-d."""
-    return xp.sqrt(xp.sum(xp.square(x))) / math.sqrt(math.prod(x.shape))
+    size = 1
+    for n in x.shape:
+        size *= n
+    return xp.sqrt(xp.sum(xp.square(x))) / size**0.5
 
 
 def adafactor(

@@ -4,8 +4,6 @@ on whole arrays (the plain path)."""
 
 from __future__ import annotations
 
-import math
-
 from .._compat import Array, Namespace
 
 
@@ -89,9 +87,9 @@ def muon(
     o = newton_schulz(u, a=ns_a, b=ns_b, c=ns_c, steps=ns_steps, epsilon=epsilon, xp=xp)
     rows, cols = p.shape
     if match_rms_adamw:
-        scale = 0.2 * math.sqrt(max(rows, cols))
+        scale = 0.2 * max(rows, cols) ** 0.5
     else:
-        scale = math.sqrt(max(1.0, rows / cols))
+        scale = max(1.0, rows / cols) ** 0.5
     if decoupled_decay:
         p *= 1.0 - learning_rate * decoupled_decay
     p -= (learning_rate * scale) * o
