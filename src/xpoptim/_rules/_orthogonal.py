@@ -86,10 +86,8 @@ def muon(
     u = g + momentum * (m - g) if nesterov else m
     o = newton_schulz(u, a=ns_a, b=ns_b, c=ns_c, steps=ns_steps, epsilon=epsilon, xp=xp)
     rows, cols = p.shape
-    if match_rms_adamw:
-        scale = 0.2 * max(rows, cols) ** 0.5
-    else:
-        scale = max(1.0, rows / cols) ** 0.5
+    # Moonshot's RMS match, or Keller Jordan's original scale.
+    scale = 0.2 * max(rows, cols) ** 0.5 if match_rms_adamw else max(1.0, rows / cols) ** 0.5
     if decoupled_decay:
         p *= 1.0 - learning_rate * decoupled_decay
     p -= (learning_rate * scale) * o
