@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 import nox
+import nox.command
 
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "venv"
@@ -64,6 +65,35 @@ def tests_without_numba(session: nox.Session) -> None:
     session.run("pytest", *session.posargs, env={"XPOPTIM_BACKENDS": "numpy"})
 
 
+# Array API libraries that no one here wrote, beyond the matrix: each runs
+# tests/test_array_libraries.py (every seed optimizer against the float64 reference, and
+# no compute in update on the lazy ones) with its arrays.
+ARRAY_LIBRARIES = {
+    "cubed": ["cubed"],
+    "ndonnx": ["ndonnx", "onnxruntime"],
+    "sparse": ["sparse"],
+}
+
+
+@nox.session
+@nox.parametrize("library", list(ARRAY_LIBRARIES), ids=list(ARRAY_LIBRARIES))
+def array_library(session: nox.Session, library: str) -> None:
+    """The optimizers on a third-party Array API library (skipped if it cannot install)."""
+    session.install(*TEST_DEPS, ".")
+    try:
+        session.install(*ARRAY_LIBRARIES[library])
+    except nox.command.CommandFailed:
+        session.skip(f"{library} cannot be installed here")
+    session.run(
+        "pytest",
+        "tests/test_array_libraries.py",
+        "-k",
+        library,  # every test of that file names its library
+        *session.posargs,
+        env={"XPOPTIM_ARRAY_LIBRARIES": library, "XPOPTIM_BACKENDS": "numpy"},
+    )
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) and mypy --strict on the package."""
@@ -73,8 +103,9 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-# What the docs' examples import beyond xpoptim[dask] (CuPy ones run only on a GPU).
-DOCS_BACKENDS = ["array-api-strict>=2.3", *BACKENDS["torch"][1:], "jax"]
+# What the docs' examples import beyond xpoptim[dask] (CuPy ones run only on a GPU): the
+# faces' pages need torch, jax and optax, the array libraries' page Cubed.
+DOCS_BACKENDS = ["array-api-strict>=2.3", *BACKENDS["torch"][1:], "jax", "optax", "cubed"]
 
 
 @nox.session

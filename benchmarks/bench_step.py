@@ -11,6 +11,8 @@ decay. Implementations:
   the step plan);
 * ``xpoptim blocked`` -- ``update`` on the blocked path (``compile=False``), the fast path
   before the compiler;
+* ``xpoptim torch`` -- ``update`` on PyTorch CPU tensors (sharing the NumPy memory): the
+  compiled kernel on views of the tensors;
 * ``numpy plain`` -- xpoptim with the fast path off: the rule once per whole parameter,
   in-place NumPy operators with parameter-sized temporaries;
 * ``seed`` -- mpneuralnetwork 1.1.1 ``opt.step(layers)``; it cannot switch regularization
@@ -68,6 +70,7 @@ IMPLS = (
     "xpoptim 1 thread",
     "xpoptim step",
     "xpoptim blocked",
+    "xpoptim torch",
     "numpy plain",
     "seed",
     "torch foreach",
@@ -75,7 +78,7 @@ IMPLS = (
     "optax jit",
 )
 PEERS = ("seed", "numpy plain", "torch foreach", "torch fused", "optax jit")
-XPOPTIM = ("xpoptim update", "xpoptim step", "xpoptim 1 thread", "xpoptim blocked")
+XPOPTIM = ("xpoptim update", "xpoptim step", "xpoptim 1 thread", "xpoptim blocked", "xpoptim torch")
 # (case, optimizer or None for all, xpoptim implementation, peer, largest ratio
 # xpoptim/peer wanted): issue 9's goals. SGD and RMSprop have the bandwidth goal instead
 # of the seed's: their bytes are few, and the seed's few NumPy calls already stream them.
@@ -127,6 +130,22 @@ def build_xpoptim(kind: str, params: list[np.ndarray], grads: list[np.ndarray], 
     def step() -> None:
         with xpoptim.execution_options(**options):
             _, state[0] = opt.update(named, named_grads, state[0])
+
+    return step
+
+
+def build_xpoptim_torch(kind: str, params: list[np.ndarray], grads: list[np.ndarray]):
+    try:
+        import torch
+    except ImportError as exc:
+        raise Unavailable(f"torch is not installed ({exc})") from None
+    opt = getattr(xpoptim, kind)(**HYPER[kind], regularization=None)
+    named = {f"{i}.weights": torch.from_numpy(p) for i, p in enumerate(params)}
+    named_grads = {f"{i}.weights": torch.from_numpy(g) for i, g in enumerate(grads)}
+    state = [opt.init(named)]
+
+    def step() -> None:
+        _, state[0] = opt.update(named, named_grads, state[0])
 
     return step
 
@@ -211,6 +230,7 @@ BUILDERS: dict[str, Callable[..., Callable[[], Any]]] = {
     "xpoptim step": functools.partial(build_xpoptim, how="step"),
     "xpoptim 1 thread": functools.partial(build_xpoptim, how="1 thread"),
     "xpoptim blocked": functools.partial(build_xpoptim, how="blocked"),
+    "xpoptim torch": build_xpoptim_torch,
     "numpy plain": functools.partial(build_xpoptim, how="plain"),
     "seed": build_seed,
     "torch foreach": functools.partial(build_torch, how="foreach"),

@@ -55,7 +55,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     assert len(rows) == 3 * len(bench.OPTIMIZERS) * len(bench.IMPLS)
     for key, row in rows.items():
         if "unavailable" in row:
-            assert not key[2].startswith(("xpoptim", "numpy")), row
+            assert not key[2].startswith(("xpoptim u", "xpoptim s", "xpoptim 1", "numpy")), row
             assert row["unavailable"]
         else:
             assert len(row["times_ms"]) == 2
@@ -64,11 +64,13 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
             assert row["fraction_of_bandwidth"] > 0
             assert row["cpu_ms"] >= 0
         assert "numpy copy" in row["bandwidth_gbps"]
+    measured = {key for key, row in rows.items() if "unavailable" not in row}
     assert {(e["case"], e["optimizer"], e["impl"]) for e in result["ratios"]} == {
         (case, kind, impl)
         for case in ("big", "small", "mlp")
         for kind in bench.OPTIMIZERS
         for impl in bench.XPOPTIM
+        if (case, kind, impl) in measured
     }
     assert "first step in a fresh process" in printed
     for seconds in saved["compile"].values():

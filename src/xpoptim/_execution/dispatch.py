@@ -4,7 +4,8 @@ For each parameter, the first path that applies:
 
 1. **compiled** -- one fused kernel generated from the rule (`xpoptim._execution.compiled`):
    plain NumPy arrays (many parameters per kernel call, threads for large steps), Dask
-   arrays of NumPy chunks (one task per chunk, lazily) and CuPy arrays (one CUDA launch).
+   arrays of NumPy chunks (one task per chunk, lazily), CuPy arrays (one CUDA launch) and
+   PyTorch CPU tensors (in place, through views of their memory).
 2. **blocked** -- plain NumPy arrays the compiler does not take (numba missing,
    ``compile=False``, mixed memory layouts, NumPy-scalar hyperparameters): the rule over
    cache-sized blocks (`xpoptim._execution.blocked`).

@@ -5,8 +5,11 @@ the faster paths are tested against (bit for bit):
 
 * **in place** -- eager, writeable arrays (NumPy, CuPy, PyTorch, array-api-strict): the
   rule's in-place operators update the parameter and state buffers where they are;
-* **rebinding** -- arrays whose type has no in-place operators (JAX, Dask): the same
-  statements build new arrays (for Dask, a lazy graph: nothing is computed here);
+* **rebinding** -- arrays whose type has no in-place operators or no item assignment,
+  and lazy arrays (JAX, Dask, Cubed, ndonnx): the same statements build new arrays (for
+  the lazy ones, a graph: nothing is computed here). Which arrays are lazy or writeable
+  is decided from what their type can do (``xpoptim._compat``), not from a list of
+  libraries, so a library nobody here wrote is stepped the right way;
 * **on a copy** -- eager arrays that have in-place operators but are read-only (a NumPy
   view of a read-only buffer): the rule runs on a private copy, so the caller's array is
   never written.
