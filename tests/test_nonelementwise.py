@@ -436,6 +436,51 @@ def test_out_of_core_refuses_them_and_writes_nothing(kind, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("case", CASES[::2], ids=case_id)
+def test_through_the_torch_face_with_a_state_dict(case):
+    """``faces.torch.Optimizer`` steps them (factored and empty buffers through torch's
+    state_dict and back)."""
+    torch = pytest.importorskip("torch")
+    from xpoptim.faces.torch import Optimizer
+
+    kind, kwargs = case
+    params_np, grads_np = make_problem()
+    want, _ = reference.run(kind, kwargs, params_np, grads_np)
+    tensors = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params_np.items()}
+    opt = Optimizer(list(tensors.items()), getattr(xpoptim, kind)(**kwargs))
+    for t, grads in enumerate(grads_np):
+        if t == 2:  # a new face from the state dict, mid-run
+            sd = opt.state_dict()
+            opt = Optimizer(list(tensors.items()), getattr(xpoptim, kind)(**kwargs))
+            opt.load_state_dict(sd)
+        for k, p in tensors.items():
+            p.grad = torch.tensor(grads[k])
+        opt.step()
+    for k, p in tensors.items():
+        np.testing.assert_allclose(p.detach().numpy(), want[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES[1::2], ids=case_id)
+def test_through_the_optax_face_under_jit(case):
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    from xpoptim.faces.optax import transformation
+
+    jnp = jax.numpy
+    kind, kwargs = case
+    params_np, grads_np = make_problem(dtype=np.float32)
+    want, _ = reference.run(kind, kwargs, params_np, grads_np)
+    tx = transformation(getattr(xpoptim, kind)(**kwargs))
+    params = {k: jnp.asarray(v) for k, v in params_np.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads in grads_np:
+        updates, state = update({k: jnp.asarray(v) for k, v in grads.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(params[k]), want[k], rtol=2e-5, atol=2e-6)
+
+
 # -- lazily on Dask, under jax.jit --------------------------------------------------------
 
 
