@@ -165,6 +165,26 @@ def test_explain_says_plain_and_why(case):
         assert "cannot be compiled" in paths[name].reason, paths[name]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("kind", ["LAMB", "LARS", "Adafactor", "Muon"])
+def test_empty_and_0d_parameters(kind, fast):
+    """Empty matrices and vectors stay empty (no warning from a mean or a norm of nothing);
+    a 0-d parameter steps as the reference says."""
+    params_np = {"e": np.zeros((0, 3)), "m": np.ones((2, 0)), "v": np.zeros(0), "s": np.array(2.0)}
+    grads_np = [{k: np.full(v.shape, 0.5) for k, v in params_np.items()}]
+    want, _ = reference.run(kind, {}, {"s": params_np["s"]}, [{"s": grads_np[0]["s"]}])
+    with xpoptim.execution_options(fast=fast):
+        got, _ = run(
+            Backend("numpy", "numpy", eager_writeable=True),
+            getattr(xpoptim, kind)(),
+            params_np,
+            grads_np,
+        )
+    for k in ("e", "m", "v"):
+        assert got[k].shape == params_np[k].shape
+    np.testing.assert_allclose(got["s"], want["s"], rtol=1e-12)
+
+
 # -- state: state dicts, checkpoints, loads that are refused -------------------------------
 
 

@@ -12,7 +12,12 @@ def _rms(x: Array, *, xp: Namespace) -> Array:
     size = 1
     for n in x.shape:
         size *= n
-    return xp.sqrt(xp.sum(xp.square(x))) / size**0.5
+    return xp.sqrt(xp.sum(xp.square(x))) / max(size, 1) ** 0.5  # 0 for an empty x
+
+
+def _mean(x: Array, axis: int, *, xp: Namespace) -> Array:
+    """The mean of ``x`` along ``axis``, kept as a dimension of 1 (0 along an empty axis)."""
+    return xp.sum(x, axis=axis, keepdims=True) / max(x.shape[axis], 1)
 
 
 def adafactor(
@@ -61,9 +66,9 @@ def adafactor(
         p *= 1.0 - learning_rate * decoupled_decay
     g2 = xp.square(g)
     if p.ndim >= 2:
-        row_var += one_minus_beta2 * (xp.mean(g2, axis=-1, keepdims=True) - row_var)
-        col_var += one_minus_beta2 * (xp.mean(g2, axis=-2, keepdims=True) - col_var)
-        row_scale = xp.clip(xp.mean(row_var, axis=-2, keepdims=True), min=eps1)
+        row_var += one_minus_beta2 * (_mean(g2, -1, xp=xp) - row_var)
+        col_var += one_minus_beta2 * (_mean(g2, -2, xp=xp) - col_var)
+        row_scale = xp.clip(_mean(row_var, -2, xp=xp), min=eps1)
         estimate = xp.matmul(row_var, col_var) / row_scale
     else:
         variance += one_minus_beta2 * (g2 - variance)

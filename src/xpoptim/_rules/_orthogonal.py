@@ -87,7 +87,9 @@ def muon(
     o = newton_schulz(u, a=ns_a, b=ns_b, c=ns_c, steps=ns_steps, epsilon=epsilon, xp=xp)
     rows, cols = p.shape
     # Moonshot's RMS match, or Keller Jordan's original scale.
-    scale = 0.2 * max(rows, cols) ** 0.5 if match_rms_adamw else max(1.0, rows / cols) ** 0.5
+    scale = (
+        0.2 * max(rows, cols) ** 0.5 if match_rms_adamw else max(1.0, rows / max(cols, 1)) ** 0.5
+    )
     if decoupled_decay:
         p *= 1.0 - learning_rate * decoupled_decay
     p -= (learning_rate * scale) * o
