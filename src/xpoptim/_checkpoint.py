@@ -142,7 +142,7 @@ def save(
     _, _, buffers = _state.parse(opt, sd)
     named = None if params is None else dict(_state._as_params(opt, params))
     if named is not None:
-        _state._match(buffers, named)
+        _state._match(opt, buffers, named)
         for key, p in named.items():  # _match checks only names that have buffers
             if not array_namespace(p).isdtype(p.dtype, "real floating"):
                 raise _state.StateDictError(

@@ -220,6 +220,7 @@ class OutOfCore:
     def __init__(
         self, directory: str | os.PathLike[str], optimizer: Optimizer, num_workers: int | None
     ) -> None:
+        _check_elementwise(optimizer)
         _check_policy(optimizer)
         self.directory = Path(directory)
         self.optimizer = optimizer
@@ -259,7 +260,9 @@ class OutOfCore:
             directory: where to create it: a new or empty directory, or, with
                 ``overwrite``, an xpoptim out-of-core store to replace.
             optimizer: an `xpoptim.SGD`, `xpoptim.RMSprop`, `xpoptim.Adam`
-                or `xpoptim.AdamW`, with a config that JSON can store.
+                or `xpoptim.AdamW`, with a config that JSON can store. An optimizer that
+                is not elementwise (``elementwise = False``: LAMB, LARS, Adafactor, Muon)
+                is refused: each chunk is stepped on its own.
             params: name -> initial values: NumPy, Dask or Zarr arrays of a real floating
                 dtype (a Dask array is computed chunk by chunk, so it may be larger than
                 memory). Names become directories: no ``/``, ``\\``, NUL, ``.`` or
@@ -317,6 +320,7 @@ class OutOfCore:
         """`create`, recording ``note`` in the store's description (the demo marks the
         stores it made, so that it replaces only those); with ``state`` (field -> name
         -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
+        _check_elementwise(optimizer)
         if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
             raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
         _check_policy(optimizer)
@@ -902,6 +906,18 @@ class OutOfCore:
             bar = _lazy("dask.diagnostics").ProgressBar(out=sys.stderr)
         with bar:
             dask.compute(stored, scheduler="threads", num_workers=num_workers)
+
+
+def _check_elementwise(optimizer: Any) -> None:
+    """Refuse an optimizer whose update is not elementwise (``elementwise = False``: LAMB,
+    LARS, Adafactor, Muon): it needs a whole parameter, but every chunk is stepped alone."""
+    if isinstance(optimizer, Optimizer) and not optimizer.elementwise:
+        raise TypeError(
+            f"OutOfCore cannot step {type(optimizer).__name__}: its update is not elementwise "
+            "(it takes norms, means or matrix products over a whole parameter), and OutOfCore "
+            "steps each chunk on its own. Keep these parameters in memory, or step Dask "
+            "arrays with optimizer.update (lazily, whole parameters)"
+        )
 
 
 def _check_policy(optimizer: Optimizer) -> None:

@@ -23,20 +23,44 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 from ._compat import Array, Namespace, array_namespace, is_array_api_obj
 from ._compat import device as device_of
 from ._execution import place, relayout_state, updates_in_place
-
-if TYPE_CHECKING:
-    from ._optimizers import Optimizer
 
 #: The version this xpoptim writes, and the newest it reads.
 FORMAT_VERSION = 1
 #: The state's counters; every other field of a state NamedTuple is a per-parameter buffer.
 COUNTERS = ("step", "skipped")
 KEYS = ("format_version", "optimizer", "config", "step", "skipped", "buffers")
+
+
+class Optimizer(Protocol):
+    """What this module needs of an optimizer (`xpoptim.Optimizer` has it all).
+
+    A protocol, so that the optimizers import this module and not the other way round.
+    """
+
+    #: the state NamedTuple type
+    State: ClassVar[type[Any]]
+    nonfinite: str
+    #: the state kept by ``step(layers)``, and the names of its buffers not yet placed
+    _state: Any
+    _unplaced: set[str]
+
+    def get_config(self) -> dict[str, Any]: ...
+
+    #: buffers not shaped like their parameter: field -> buffer shape of a parameter shape
+    _buffer_shapes: ClassVar[Mapping[str, Any]]
+
+    def _buffer_fields(self) -> tuple[str, ...]: ...
+
+    def _buffer_shape(self, field: str, shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+    def _param_scalars(self, name: str) -> dict[str, Any]: ...
+
+    def _collect(self, layers: Iterable[Any]) -> tuple[dict[str, Array], dict[str, Array]]: ...
 
 
 class StateDictError(ValueError):
@@ -179,6 +203,8 @@ def parse(opt: Optimizer, sd: Any) -> tuple[int, int, dict[str, dict[str, Array]
             if not array_namespace(a).isdtype(a.dtype, "real floating"):
                 raise StateDictError(f"{label} has dtype {a.dtype}, not real floating")
             shape = tuple(a.shape)
+            if field in opt._buffer_shapes:
+                continue  # not shaped like its parameter: checked against it at placement
             if shapes.setdefault(name, shape) != shape:
                 raise StateDictError(
                     f"{label} has shape {shape}, but {fields[0]!r} has {shapes[name]} "
@@ -195,24 +221,49 @@ def _as_params(opt: Optimizer, like: Any) -> Mapping[str, Array]:
     return params
 
 
-def _match(buffers: Mapping[str, Mapping[str, Array]], params: Mapping[str, Array]) -> None:
+def _match(
+    opt: Optimizer, buffers: Mapping[str, Mapping[str, Array]], params: Mapping[str, Array]
+) -> None:
     for field, arrays in buffers.items():
         _keys(params.keys(), arrays.keys(), f"state_dict['buffers'][{field!r}] names vs params")
         for name, a in arrays.items():
             p = params[name]
             if not is_array_api_obj(p):
                 raise StateDictError(f"params[{name!r}] is not an array: {type(p).__name__}")
-            if tuple(a.shape) != tuple(p.shape):
+            expected = opt._buffer_shape(field, tuple(p.shape))
+            if tuple(a.shape) != expected:
                 raise StateDictError(
                     f"state_dict['buffers'][{field!r}][{name!r}] has shape {tuple(a.shape)}, "
-                    f"the parameter {tuple(p.shape)}"
+                    f"{_wanted(expected, p)}"
                 )
             if not array_namespace(p).isdtype(p.dtype, "real floating"):
                 raise StateDictError(f"params[{name!r}] has dtype {p.dtype}, not real floating")
 
 
+def _wanted(expected: tuple[int, ...], p: Array) -> str:
+    """What a buffer's shape should have been, for an error message."""
+    if expected == tuple(p.shape):
+        return f"the parameter {expected}"
+    return f"not {expected} (the shape it takes for a parameter of shape {tuple(p.shape)})"
+
+
 def _like_param(a: Array, p: Array) -> Array:
-    return place(a, array_namespace(p), dtype=p.dtype, device=device_of(p), like=p)
+    """``a`` on ``p``'s namespace, device and dtype (and Dask chunks, if shaped like ``p``)."""
+    like = p if tuple(a.shape) == tuple(p.shape) else None
+    return place(a, array_namespace(p), dtype=p.dtype, device=device_of(p), like=like)
+
+
+def _relayout(
+    opt: Optimizer, params: Mapping[str, Array], buffers: Mapping[str, Mapping[str, Array]]
+) -> dict[str, dict[str, Array]]:
+    """``buffers`` in the memory layout ``init`` makes (the fields shaped like their
+    parameters; the others as they are)."""
+    fields = [f for f in buffers if f not in opt._buffer_shapes]
+    xp_params = array_namespace(*params.values())
+    laid_out = relayout_state(params, [buffers[f] for f in fields], opt._param_scalars, xp_params)
+    out = {field: dict(arrays) for field, arrays in buffers.items()}
+    out.update(zip(fields, laid_out, strict=True))
+    return out
 
 
 def state_from_dict(
@@ -244,18 +295,13 @@ def state_from_dict(
     step, skipped, buffers = parse(opt, sd)
     if like is not None:
         params = _as_params(opt, like)
-        _match(buffers, params)
+        _match(opt, buffers, params)
         placed = {
             field: {name: _like_param(a, params[name]) for name, a in arrays.items()}
             for field, arrays in buffers.items()
         }
         # NumPy: in the layout init() makes, so the fast path steps it as fast as a new one.
-        fields = list(placed)
-        xp_params = array_namespace(*params.values())
-        laid_out = relayout_state(
-            params, [placed[f] for f in fields], opt._param_scalars, xp_params
-        )
-        placed = dict(zip(fields, laid_out, strict=True))
+        placed = _relayout(opt, params, placed)
     elif xp is not None:
         placed = {
             field: {name: place(a, xp, device=device) for name, a in arrays.items()}
@@ -322,10 +368,11 @@ def adopt(opt: Optimizer, params: Mapping[str, Array]) -> None:
     for field in fields:
         for name in names:
             a, p = getattr(state, field)[name], params[name]
-            if tuple(a.shape) != tuple(p.shape):
+            expected = opt._buffer_shape(field, tuple(p.shape))
+            if tuple(a.shape) != expected:
                 raise StateDictError(
                     f"loaded state {field}[{name!r}] has shape {tuple(a.shape)}, "
-                    f"the parameter {tuple(p.shape)}"
+                    f"{_wanted(expected, p)}"
                 )
 
     def fits(a: Array, p: Array) -> bool:
@@ -346,13 +393,8 @@ def adopt(opt: Optimizer, params: Mapping[str, Array]) -> None:
     }
     # NumPy: in the layout init() makes, so the fast path steps it as fast as a new one.
     placed = {name: p for name, p in params.items() if name in names}
-    laid_out = relayout_state(
-        placed,
-        [{name: new[field][name] for name in placed} for field in fields],
-        opt._param_scalars,
-        array_namespace(*placed.values()),
-    )
-    for field, buffers in zip(fields, laid_out, strict=True):
+    laid_out = _relayout(opt, placed, {f: {n: new[f][n] for n in placed} for f in fields})
+    for field, buffers in laid_out.items():
         new[field].update(buffers)
     opt._state = opt.State(step=state.step, skipped=state.skipped, **new)
     opt._unplaced = opt._unplaced - names

@@ -44,6 +44,14 @@ def non_negative(value: Any, name: str) -> float:
     return number
 
 
+def non_positive(value: Any, name: str) -> float:
+    """``value`` as a float, checked to be a finite number <= 0."""
+    number = _real(value, name)
+    if number > 0.0:
+        raise ValueError(f"{name} must be <= 0, got {number!r}")
+    return number
+
+
 def unit_interval(value: Any, name: str) -> float:
     """``value`` as a float, checked to lie in [0, 1)."""
     number = _real(value, name)
@@ -143,8 +151,18 @@ def _same_keys(expected: Iterable[str], got: Iterable[str], what: str) -> None:
         raise ValueError(f"{what} do not match the parameter names: " + ", ".join(parts))
 
 
-def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: str) -> None:
-    """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``."""
+def like_params(
+    arrays: Any,
+    params: Mapping[str, Array],
+    xp: Namespace,
+    what: str,
+    shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
+) -> None:
+    """Check that ``arrays`` has the names, namespace, shapes, dtypes and devices of ``params``.
+
+    ``shape``, if given, maps a parameter's shape to the shape its array must have (a state
+    buffer that is not shaped like its parameter: Adafactor's row and column factors).
+    """
     if not isinstance(arrays, Mapping):
         raise TypeError(f"{what} must be a mapping from names to arrays, got {type(arrays)!r}")
     _same_keys(params.keys(), arrays.keys(), what)
@@ -161,8 +179,16 @@ def like_params(arrays: Any, params: Mapping[str, Array], xp: Namespace, what: s
             raise TypeError(
                 f"{label} belongs to {a_xp.__name__}, but the parameter to {xp.__name__}"
             )
-        if tuple(a.shape) != tuple(p.shape):
-            raise ValueError(f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}")
+        expected = tuple(p.shape) if shape is None else shape(tuple(p.shape))
+        if tuple(a.shape) != expected:
+            if shape is None:
+                raise ValueError(
+                    f"{label} has shape {tuple(a.shape)}, the parameter {tuple(p.shape)}"
+                )
+            raise ValueError(
+                f"{label} has shape {tuple(a.shape)}, not {expected} (the shape it takes for "
+                f"a parameter of shape {tuple(p.shape)})"
+            )
         if a.dtype != p.dtype:
             if not xp.isdtype(a.dtype, "real floating"):
                 raise TypeError(f"{label} has dtype {a.dtype}; a real floating dtype is needed")

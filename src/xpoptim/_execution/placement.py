@@ -70,3 +70,16 @@ def same_device(a: Array, b: Array) -> bool:
     if type(a) is np.ndarray and type(b) is np.ndarray:
         return True
     return bool(device(a) == device(b))
+
+
+def zeros_beside(shape: tuple[int, ...], like: Array, xp: Namespace) -> Array:
+    """Zeros of ``shape`` with ``like``'s dtype, on ``like``'s device.
+
+    The device is passed only where it is not ``xp``'s default: a JAX array given a device
+    is "committed", and ``jax.jit`` would compile again when a state of committed arrays
+    follows one of uncommitted ones.
+    """
+    default = xp.empty((0,), dtype=like.dtype)
+    if same_device(default, like):
+        return xp.zeros(shape, dtype=like.dtype)
+    return xp.zeros(shape, dtype=like.dtype, device=device(like))

@@ -1,27 +1,30 @@
-"""The optimizers: SGD, RMSprop and Adam, with the names and defaults of mpneuralnetwork 1.1.1.
+"""The base of every optimizer: validation, config, state, ``update`` and ``step(layers)``.
 
-Each optimizer offers two ways in, both running the same rule from `xpoptim._rules`:
+A subclass (one module per family beside this one) names its state NamedTuple, its
+rule from `xpoptim._rules`, its hyperparameters, and the Python scalars the rule takes
+for one parameter at one step; everything else is here:
 
 * the functional core, optax-style: ``state = opt.init(params)`` then
   ``params, state = opt.update(params, grads, state)``, for any Array API backend
   (JAX and Dask included, and under ``jax.jit``);
 * the seed's layer protocol: ``opt.step(layers)``, which updates each layer's
   ``params`` (``{name: (param, grad)}``) in place and keeps the state inside the
-  optimizer, keyed by ``f"{layer_index}.{param_name}"``.
+  optimizer, keyed by ``f"{layer_index}.{param_name}"``, repeating a validated step
+  plan where the compiled path can;
+* state dicts (the logic is in `xpoptim._state`).
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-from . import _nonfinite, _rules, _selection
-from . import _state as state_dicts
-from . import _validation as check
-from . import schedules as _schedules
-from ._compat import Array, Namespace
-from ._execution import (
+from .. import _nonfinite, _selection
+from .. import _state as state_dicts
+from .. import _validation as check
+from .. import schedules as _schedules
+from .._compat import Array, Namespace
+from .._execution import (
     current_options,
     run_rule,
     scalars_like,
@@ -30,69 +33,13 @@ from ._execution import (
     warn_if_deep,
     zeros_state,
 )
-from ._execution.blocked import Item
-from ._execution.compiled import step_plan
-from ._execution.compiled.step_plan import StepPlan
+from .._execution.blocked import Item
+from .._execution.compiled import step_plan
+from .._execution.compiled.step_plan import StepPlan
+from .._execution.placement import zeros_beside
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
-
-
-class SGDState(NamedTuple):
-    """State of `SGD`.
-
-    Attributes:
-        step: number of updates applied so far (a Python int; a traced integer under
-            ``jax.jit``).
-        velocities: parameter name -> velocity ``v``.
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
-            ``None`` under the other policies, which count nothing.
-    """
-
-    step: Any
-    velocities: dict[str, Array]
-    skipped: Any = None
-
-
-class RMSpropState(NamedTuple):
-    """State of `RMSprop`.
-
-    Attributes:
-        step: number of updates applied so far.
-        cache: parameter name -> running average of the squared gradient.
-        mean_grad: parameter name -> running average of the gradient (``centered=True``
-            only, else ``None``).
-        momentum_buffer: parameter name -> momentum buffer (``momentum > 0`` only, else
-            ``None``).
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
-            ``None`` under the other policies, which count nothing.
-    """
-
-    step: Any
-    cache: dict[str, Array]
-    mean_grad: dict[str, Array] | None = None
-    momentum_buffer: dict[str, Array] | None = None
-    skipped: Any = None
-
-
-class AdamState(NamedTuple):
-    """State of `Adam`.
-
-    Attributes:
-        step: number of updates applied so far (the seed's ``t``).
-        momentums: parameter name -> first moment ``m``.
-        velocities: parameter name -> second moment ``v``.
-        max_velocities: parameter name -> running maximum of ``v`` (``amsgrad=True``
-            only, else ``None``).
-        skipped: number of updates skipped by ``nonfinite="skip"`` (not in ``step``);
-            ``None`` under the other policies, which count nothing.
-    """
-
-    step: Any
-    momentums: dict[str, Array]
-    velocities: dict[str, Array]
-    max_velocities: dict[str, Array] | None = None
-    skipped: Any = None
 
 
 class Optimizer:
@@ -126,6 +73,13 @@ class Optimizer:
     no_decay: Any = NOT_DECAYED
     #: What an update does with NaN/Inf gradients (see ``xpoptim._nonfinite``).
     nonfinite: str = "propagate"
+    #: State buffers not shaped like their parameter: field -> a function of the
+    #: parameter's shape giving the buffer's (Adafactor's row and column factors).
+    #: ``init`` makes them, and every state check and load expects them, in that shape.
+    _buffer_shapes: ClassVar[Mapping[str, Callable[[tuple[int, ...]], tuple[int, ...]]]] = {}
+    #: Whether the rule is elementwise, so that any slice of a parameter can be stepped
+    #: alone (`OutOfCore` steps one chunk at a time and refuses the others).
+    elementwise: ClassVar[bool] = True
 
     def __init__(
         self, learning_rate: float, regularization: str | None, weight_decay: float
@@ -191,6 +145,11 @@ class Optimizer:
 
     # -- hooks of the variants (Nesterov, centered, AMSGrad) and of schedules --------------
 
+    def _buffer_shape(self, field: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of buffer ``field`` for a parameter of shape ``shape``."""
+        declared = self._buffer_shapes.get(field)
+        return shape if declared is None else declared(shape)
+
     def _buffer_fields(self) -> tuple[str, ...]:
         """The state fields this optimizer uses (the others stay ``None``)."""
         return state_dicts.buffer_fields(self.State)
@@ -237,6 +196,12 @@ class Optimizer:
         xp = check.params(params)
         fields = self._buffer_fields()
         buffers = zeros_state(params, len(fields), self._param_scalars, xp)
+        for index, field in enumerate(fields):
+            if field in self._buffer_shapes:  # not shaped like the parameters
+                buffers[index] = {
+                    name: zeros_beside(self._buffer_shape(field, tuple(p.shape)), p, xp)
+                    for name, p in params.items()
+                }
         return self.State(
             step=0,
             **dict(zip(fields, buffers, strict=True)),
@@ -253,7 +218,8 @@ class Optimizer:
         if state.skipped is not None:
             check.counter(state.skipped, "state.skipped", readable=values_readable)
         for field in self._buffer_fields():
-            check.like_params(getattr(state, field), params, xp, f"state.{field}")
+            shape = self._buffer_shapes.get(field)
+            check.like_params(getattr(state, field), params, xp, f"state.{field}", shape)
         return step
 
     def update(
@@ -534,377 +500,3 @@ class Optimizer:
             device: with ``xp``, the device to place them on.
         """
         state_dicts.load_state_dict(self, state_dict, like, xp=xp, device=device)
-
-
-class SGD(Optimizer):
-    """Stochastic Gradient Descent with momentum.
-
-    Update rule (``R`` is the regularization term added to the gradient):
-
-    1. ``g = g + R(w)``, with ``R(w) = weight_decay * w`` (L2) or
-       ``weight_decay * sign(w)`` (L1)
-    2. ``v = momentum * v - learning_rate * g``
-    3. ``w = w + v``
-
-    With ``nesterov=True``, step 3 is ``w = w + momentum * v - learning_rate * g`` (the
-    look-ahead step).
-
-    Args:
-        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
-            Defaults to 0.01.
-        regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
-        weight_decay: regularization strength. Defaults to 0.001.
-        momentum: momentum factor in [0, 1). Defaults to 0.1.
-        nesterov: use Nesterov momentum (needs ``momentum > 0``). Defaults to False.
-        no_decay: names that are not regularized: patterns or a predicate. Defaults to
-            the seed's ``("bias", "beta", "gamma")``.
-        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
-            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
-
-    Examples:
-        >>> import numpy as np
-        >>> import xpoptim
-        >>> opt = xpoptim.SGD(learning_rate=0.1, momentum=0.9, regularization=None)
-        >>> params = {"w": np.array([1.0, -2.0])}
-        >>> state = opt.init(params)
-        >>> params, state = opt.update(params, {"w": np.array([0.5, 0.5])}, state)
-        >>> params["w"]
-        array([ 0.95, -2.05])
-    """
-
-    State = SGDState
-    _rule = staticmethod(_rules.sgd)
-    _hyperparameters = ("momentum",)
-    _extensions: ClassVar[dict[str, Any]] = {
-        "nesterov": False,
-        "no_decay": NOT_DECAYED,
-        "nonfinite": "propagate",
-    }
-
-    def __init__(
-        self,
-        learning_rate: float | Callable[[Any], Any] = 0.01,
-        regularization: str | None = "L2",
-        weight_decay: float = 0.001,
-        momentum: float = 0.1,
-        *,
-        nesterov: bool = False,
-        no_decay: Any = NOT_DECAYED,
-        nonfinite: str = "propagate",
-    ) -> None:
-        self.momentum = momentum
-        self.nesterov = nesterov
-        self.no_decay = no_decay
-        self.nonfinite = nonfinite
-        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
-
-    def _validate_hyperparameters(self) -> None:
-        super()._validate_hyperparameters()
-        check.unit_interval(self.momentum, "momentum")
-        check.flag(self.nesterov, "nesterov")
-        if self.nesterov and not self.momentum:
-            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
-
-    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
-        return _rules.sgd_nesterov if self.nesterov else _rules.sgd
-
-    def _step_scalars(self, step: Any) -> dict[str, Any]:
-        return {"learning_rate": self._learning_rate(step), "momentum": float(self.momentum)}
-
-
-class RMSprop(Optimizer):
-    """RMSprop: the gradient divided by a running root mean square of its recent values.
-
-    Update rule:
-
-    1. ``g = g + R(w)`` (as in `SGD`)
-    2. ``cache = decay_rate * cache + (1 - decay_rate) * g**2``
-    3. ``w = w - learning_rate * g / (sqrt(cache) + epsilon)``
-
-    With ``centered=True`` (torch.optim's option) the denominator is
-    ``sqrt(cache - mean_grad**2) + epsilon``, where
-    ``mean_grad = decay_rate * mean_grad + (1 - decay_rate) * g``. With ``momentum > 0``
-    step 3 becomes ``b = momentum * b + g / denominator``; ``w = w - learning_rate * b``.
-
-    Args:
-        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
-            Defaults to 0.001.
-        regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
-        weight_decay: regularization strength. Defaults to 0.001.
-        decay_rate: discounting factor in [0, 1). Defaults to 0.9.
-        epsilon: added to the denominator, > 0. Defaults to 1e-8.
-        centered: normalize by the estimated variance of the gradient. Defaults to False.
-        momentum: momentum factor in [0, 1). Defaults to 0.
-        no_decay: names that are not regularized: patterns or a predicate. Defaults to
-            the seed's ``("bias", "beta", "gamma")``.
-        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
-            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
-    """
-
-    State = RMSpropState
-    _rule = staticmethod(_rules.rmsprop)
-    _hyperparameters = ("decay_rate", "epsilon")
-    _extensions: ClassVar[dict[str, Any]] = {
-        "centered": False,
-        "momentum": 0.0,
-        "no_decay": NOT_DECAYED,
-        "nonfinite": "propagate",
-    }
-
-    def __init__(
-        self,
-        learning_rate: float | Callable[[Any], Any] = 0.001,
-        regularization: str | None = "L2",
-        weight_decay: float = 0.001,
-        decay_rate: float = 0.9,
-        epsilon: float = 1e-8,
-        *,
-        centered: bool = False,
-        momentum: float = 0.0,
-        no_decay: Any = NOT_DECAYED,
-        nonfinite: str = "propagate",
-    ) -> None:
-        self.decay_rate = decay_rate
-        self.epsilon = epsilon
-        self.centered = centered
-        self.momentum = momentum
-        self.no_decay = no_decay
-        self.nonfinite = nonfinite
-        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
-
-    def _validate_hyperparameters(self) -> None:
-        super()._validate_hyperparameters()
-        check.unit_interval(self.decay_rate, "decay_rate")
-        check.positive(self.epsilon, "epsilon")
-        check.flag(self.centered, "centered")
-        check.unit_interval(self.momentum, "momentum")
-
-    def _buffer_fields(self) -> tuple[str, ...]:
-        fields: tuple[str, ...] = ("cache",)
-        if self.centered:
-            fields += ("mean_grad",)
-        if self.momentum:
-            fields += ("momentum_buffer",)
-        return fields
-
-    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
-        if self.centered or self.momentum:
-            return _rules.rmsprop_extended
-        return _rules.rmsprop
-
-    def _step_scalars(self, step: Any) -> dict[str, Any]:
-        scalars = {
-            "learning_rate": self._learning_rate(step),
-            "decay_rate": float(self.decay_rate),
-            "epsilon": float(self.epsilon),
-        }
-        if self.centered or self.momentum:
-            scalars.update(centered=self.centered, momentum=float(self.momentum))
-        return scalars
-
-
-class Adam(Optimizer):
-    """Adam (adaptive moment estimation), with decoupled weight decay for ``"L2"``.
-
-    Update rule, with ``t`` the step count (from 1):
-
-    1. ``g = g + weight_decay * sign(w)`` (L1 only)
-    2. ``m = beta1 * m + (1 - beta1) * g``
-    3. ``v = beta2 * v + (1 - beta2) * g**2``
-    4. ``m_hat = m / (1 - beta1**t)``; ``v_hat = v / (1 - beta2**t)``
-    5. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)``
-    6. L2 only: ``w = w - learning_rate * weight_decay * w`` (decoupled, on the updated ``w``)
-
-    With ``amsgrad=True`` (torch.optim's option), step 5 uses ``v_max = max(v_max, v)``
-    in place of ``v``: ``w = w - learning_rate * m_hat / (sqrt(v_max / (1 - beta2**t)) +
-    epsilon)``.
-
-    Args:
-        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
-            Defaults to 0.001.
-        regularization: ``"L1"``, ``"L2"`` or ``None``. Defaults to ``"L2"``.
-        weight_decay: regularization strength. Defaults to 0.001.
-        beta1: decay rate of the first moment, in [0, 1). Defaults to 0.9.
-        beta2: decay rate of the second moment, in [0, 1). Defaults to 0.999.
-        epsilon: added to ``sqrt(v_hat)``, > 0. Defaults to 1e-8.
-        amsgrad: use the running maximum of ``v``. Defaults to False.
-        no_decay: names that are not regularized: patterns or a predicate. Defaults to
-            the seed's ``("bias", "beta", "gamma")``.
-        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
-            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
-    """
-
-    State = AdamState
-    _rule = staticmethod(_rules.adam)
-    _hyperparameters = ("beta1", "beta2", "epsilon")
-    _extensions: ClassVar[dict[str, Any]] = {
-        "amsgrad": False,
-        "no_decay": NOT_DECAYED,
-        "nonfinite": "propagate",
-    }
-
-    def __init__(
-        self,
-        learning_rate: float | Callable[[Any], Any] = 0.001,
-        regularization: str | None = "L2",
-        weight_decay: float = 0.001,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        epsilon: float = 1e-8,
-        *,
-        amsgrad: bool = False,
-        no_decay: Any = NOT_DECAYED,
-        nonfinite: str = "propagate",
-    ) -> None:
-        self.beta1 = beta1
-        self.beta2 = beta2
-        self.epsilon = epsilon
-        self.amsgrad = amsgrad
-        self.no_decay = no_decay
-        self.nonfinite = nonfinite
-        super().__init__(learning_rate, regularization, weight_decay)  # type: ignore[arg-type]
-
-    def _validate_hyperparameters(self) -> None:
-        super()._validate_hyperparameters()
-        check.unit_interval(self.beta1, "beta1")
-        check.unit_interval(self.beta2, "beta2")
-        check.positive(self.epsilon, "epsilon")
-        check.flag(self.amsgrad, "amsgrad")
-
-    def _buffer_fields(self) -> tuple[str, ...]:
-        fields = ("momentums", "velocities")
-        return (*fields, "max_velocities") if self.amsgrad else fields
-
-    def _rule_function(self) -> Callable[..., tuple[Array, ...]]:
-        return _rules.adam_amsgrad if self.amsgrad else _rules.adam
-
-    def _step_scalars(self, step: Any) -> dict[str, Any]:
-        # ``step`` is a Python int, or a traced integer under jax.jit: both work here,
-        # and stay Python floats in the first case.
-        lr, b1, b2 = self._learning_rate(step), float(self.beta1), float(self.beta2)
-        return {
-            "learning_rate": lr,
-            "beta1": b1,
-            "beta2": b2,
-            "epsilon": float(self.epsilon),
-            "step_size": lr / (1.0 - b1**step),
-            "sqrt_bias_correction2": (1.0 - b2**step) ** 0.5,
-        }
-
-    def _param_scalars(self, name: str) -> dict[str, Any]:
-        decayed = self.regularization is not None and self.is_decayed(name)
-        wd = float(self.weight_decay) if decayed else 0.0
-        return {
-            "l1": wd if self.regularization == "L1" else 0.0,
-            "decoupled_decay": wd if self.regularization == "L2" else 0.0,
-        }
-
-    @property
-    def t(self) -> int:
-        """The step count of `step` (the seed's attribute): the updates applied so far.
-
-        Settable, as in the seed (whose ``Model.train`` rewinds it when it restores its
-        best weights): the next `step` is update ``t + 1``, with that bias correction and
-        learning-rate schedule position; the buffers (momentums, velocities) are kept.
-        Setting it before the first step starts the count there.
-
-        Raises:
-            TypeError: (on setting) not an int (``True`` and ``3.0`` are refused).
-            ValueError: (on setting) a negative count.
-        """
-        return 0 if self._state is None else int(self._state.step)
-
-    @t.setter
-    def t(self, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"t must be an int >= 0, got {value!r} ({type(value).__name__})")
-        if value < 0:
-            raise ValueError(f"t must be an int >= 0, got {value}")
-        if self._state is None:  # no buffers yet: step() creates them, counting from t
-            fields: dict[str, dict[str, Array]] = {f: {} for f in self._buffer_fields()}
-            skipped = _nonfinite.initial_count(self.nonfinite)
-            self._state = self.State(step=int(value), skipped=skipped, **fields)
-        else:
-            self._state = self._state._replace(step=int(value))
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The state kept by `step` in the seed's layout: ``t``, momentums, velocities."""
-        return {"t": self.t, **super().params}
-
-
-class AdamW(Adam):
-    """Adam with decoupled weight decay: the seed's ``Adam(regularization="L2")``.
-
-    Update rule, with ``t`` the step count (from 1):
-
-    1. ``m = beta1 * m + (1 - beta1) * g``; ``v = beta2 * v + (1 - beta2) * g**2``
-    2. ``w = w - learning_rate * m_hat / (sqrt(v_hat) + epsilon)`` (as [Adam][xpoptim.Adam])
-    3. ``w = w - learning_rate * weight_decay * w``, on the *updated* ``w``
-
-    The decay comes **after** the Adam step, as in mpneuralnetwork. torch.optim's
-    ``AdamW`` and optax's ``adamw`` decay the *previous* ``w`` instead
-    (``w = w * (1 - learning_rate * weight_decay) - learning_rate * m_hat / (...)``): the two
-    differ by ``learning_rate**2 * weight_decay * m_hat / (sqrt(v_hat) + epsilon)`` per
-    step, a second-order term.
-
-    Args:
-        learning_rate: step size, or a schedule (see [schedules][xpoptim.schedules]).
-            Defaults to 0.001.
-        weight_decay: decoupled decay strength, >= 0. Defaults to 0.01 (torch's default).
-        beta1: decay rate of the first moment, in [0, 1). Defaults to 0.9.
-        beta2: decay rate of the second moment, in [0, 1). Defaults to 0.999.
-        epsilon: added to ``sqrt(v_hat)``, > 0. Defaults to 1e-8.
-        amsgrad: use the running maximum of ``v``. Defaults to False.
-        no_decay: names that are not decayed: patterns or a predicate. Defaults to the
-            seed's ``("bias", "beta", "gamma")``.
-        nonfinite: ``"propagate"`` (default), ``"skip"`` or ``"raise"``: what an update
-            does with NaN/Inf gradients (see [Optimizer][xpoptim.Optimizer]).
-
-    Examples:
-        >>> import numpy as np
-        >>> import xpoptim
-        >>> opt = xpoptim.AdamW(learning_rate=0.1, weight_decay=0.5)
-        >>> params = {"w": np.array([1.0, -1.0])}
-        >>> params, state = opt.update(params, {"w": np.array([2.0, -2.0])}, opt.init(params))
-        >>> params["w"]  # (1 - 0.1) * (1 - 0.1 * 0.5), up to epsilon
-        array([ 0.855, -0.855])
-    """
-
-    def __init__(
-        self,
-        learning_rate: float | Callable[[Any], Any] = 0.001,
-        weight_decay: float = 0.01,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        epsilon: float = 1e-8,
-        *,
-        amsgrad: bool = False,
-        no_decay: Any = NOT_DECAYED,
-        nonfinite: str = "propagate",
-    ) -> None:
-        super().__init__(
-            learning_rate,
-            "L2",
-            weight_decay,
-            beta1,
-            beta2,
-            epsilon,
-            amsgrad=amsgrad,
-            no_decay=no_decay,
-            nonfinite=nonfinite,
-        )
-
-    def _validate_hyperparameters(self) -> None:
-        super()._validate_hyperparameters()
-        if self.regularization != "L2":
-            raise ValueError(
-                f"AdamW always uses decoupled ('L2') decay, got regularization="
-                f"{self.regularization!r}; use Adam for other kinds"
-            )
-
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments (no ``regularization``: it is always decoupled)."""
-        config = super().get_config()
-        del config["regularization"]
-        return config
