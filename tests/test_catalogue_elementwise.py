@@ -453,3 +453,29 @@ def test_a_rewound_step_count_recomputes_the_step_series():
         want, _ = ref.run(kind, {"learning_rate": 0.05}, params_np, grads_np)
         for name in want:
             np.testing.assert_allclose(again[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_under_jax_jit_or_refused_with_the_reason():
+    """The rules whose scalars are arithmetic on the step count run under ``jax.jit``;
+    those that need Python control flow on it say so instead of failing obscurely."""
+    jax = pytest.importorskip("jax")
+    params_np, grads_np = make_problem(steps=3)
+    for kind in ("Adagrad", "Adadelta", "Adamax", "Rprop", "Lion"):
+        opt = getattr(xpoptim, kind)(0.05)
+        params = {k: jax.numpy.asarray(v) for k, v in params_np.items()}
+        eager, jitted = (params, opt.init(params)), (params, opt.init(params))
+        update = jax.jit(opt.update)
+        for grads in grads_np:
+            g = {k: jax.numpy.asarray(v) for k, v in grads.items()}
+            eager = opt.update(*eager[:1], g, eager[1])
+            jitted = update(jitted[0], g, jitted[1])
+        for name in params_np:
+            np.testing.assert_allclose(
+                np.asarray(jitted[0][name]), np.asarray(eager[0][name]), rtol=1e-12, atol=1e-12
+            )
+    for kind in ("NAdam", "RAdam", "ScheduleFreeAdamW"):
+        opt = getattr(xpoptim, kind)()
+        params = {k: jax.numpy.asarray(v) for k, v in params_np.items()}
+        grads = {k: jax.numpy.asarray(v) for k, v in grads_np[0].items()}
+        with pytest.raises(TypeError, match=f"{kind} computes .* needs a concrete state.step"):
+            jax.jit(opt.update)(params, grads, opt.init(params))

@@ -67,7 +67,8 @@ def run_xpoptim(opt, start, gradients):
 
 
 def assert_trajectories_match(ours, theirs):
-    assert np.all(np.isfinite(theirs)), "the peer's trajectory diverged: pick other values"
+    # A diverging trajectory compares nothing useful: pick values under which it stays put.
+    assert np.abs(theirs).max() < 1e3, "the peer's trajectory diverged: pick other values"
     np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
 
 
@@ -93,10 +94,11 @@ TORCH_GRID = {
         {"learning_rate": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1},
         {"learning_rate": 0.01, "weight_decay": 0.1, "decoupled": True, "beta1": 0.8},
     ],
+    # Small steps: RAdam starts as SGD with momentum, which Rosenbrock's gradients blow up.
     "RAdam": [
-        {"learning_rate": 0.01},
-        {"learning_rate": 0.01, "weight_decay": 0.1, "beta2": 0.99},
-        {"learning_rate": 0.02, "weight_decay": 0.1, "decoupled": True, "epsilon": 1e-6},
+        {"learning_rate": 0.001},
+        {"learning_rate": 0.001, "weight_decay": 0.1, "beta2": 0.99},
+        {"learning_rate": 0.002, "weight_decay": 0.1, "decoupled": True, "epsilon": 1e-6},
     ],
     "Rprop": [
         {},

@@ -130,9 +130,8 @@ class Adamax(_AdamLike):
 
     Paper: Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
     section 7.1. Matches ``torch.optim.Adamax`` (``lr``, ``betas``, ``eps``), checked
-    against its trajectories. optax's ``adamax`` puts ``epsilon`` outside the maximum
-    (``u = max(beta2 * u, |g|)``, step ``m_hat / (u + eps)``); the two agree once
-    ``|g|`` is far above ``epsilon``.
+    against its trajectories; optax's ``adamax`` has the same formula and defaults
+    (``b1``, ``b2``, ``eps``) and no default learning rate.
 
     Args:
         learning_rate: step size, or a schedule. Defaults to 0.002 (torch's).
@@ -275,8 +274,8 @@ class RAdam(_DecoupledOption):
     ``decoupled_weight_decay``), checked against its trajectories. The branch on
     ``rho_t`` is taken in Python from the step count, so ``update`` needs a concrete
     step (not under ``jax.jit``). optax's ``radam`` adds ``epsilon`` to
-    ``sqrt(v_hat)`` (the bias-corrected ``v``) instead of ``sqrt(v)`` and uses the same
-    threshold 5.
+    ``sqrt(v_hat)`` (the bias-corrected ``v``) instead of ``sqrt(v)``, and rectifies from
+    ``rho_t >= 5`` (torch: ``> 5``); with ``epsilon`` far below ``sqrt(v)`` the two agree.
 
     Args:
         learning_rate: step size, or a schedule. Defaults to 0.001 (torch's).
