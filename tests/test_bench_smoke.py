@@ -80,7 +80,7 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
 
 def test_benchmark_rejects_unknown_names(bench):
     with pytest.raises(SystemExit):
-        bench.main(["--optimizers", "Adagrad", "--no-plot"])
+        bench.main(["--optimizers", "NoSuchOptimizer", "--no-plot"])
 
 
 @pytest.mark.slow
