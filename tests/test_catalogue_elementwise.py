@@ -5,14 +5,16 @@ state dicts and checkpoints, the compiled path, and the bad-input table."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 import xpoptim
-from xpoptim import schedules, transforms
+from xpoptim import _rules, schedules, transforms
 
 import reference
 import reference_elementwise as ref
@@ -479,3 +481,110 @@ def test_under_jax_jit_or_refused_with_the_reason():
         grads = {k: jax.numpy.asarray(v) for k, v in grads_np[0].items()}
         with pytest.raises(TypeError, match=f"{kind} computes .* needs a concrete state.step"):
             jax.jit(opt.update)(params, grads, opt.init(params))
+
+
+# -- the CUDA kernel body (no GPU needed: built for the host by g++) ---------------------
+
+CUDA_CASES = [
+    (
+        "adagrad",
+        3,
+        {"learning_rate": 0.1, "epsilon": 1e-10, "l2": 0.01},
+    ),
+    ("adadelta", 4, {"learning_rate": 1.0, "decay_rate": 0.9, "epsilon": 1e-6, "l2": 0.01}),
+    ("adamax", 4, {"beta1": 0.9, "beta2": 0.99, "epsilon": 1e-8, "step_size": 0.01, "l2": 0.0}),
+    (
+        "nadam",
+        4,
+        {
+            "learning_rate": 0.01,
+            "beta1": 0.9,
+            "beta2": 0.99,
+            "epsilon": 1e-8,
+            "bias_correction2": 0.3,
+            "gradient_step": 0.002,
+            "momentum_step": 0.009,
+            "l2": 0.0,
+            "decoupled_decay": 0.1,
+        },
+    ),
+    (
+        "radam",
+        4,
+        {
+            "learning_rate": 0.01,
+            "beta1": 0.9,
+            "beta2": 0.99,
+            "epsilon": 1e-8,
+            "step_size": 0.02,
+            "rectified": True,
+            "sqrt_bias_correction2": 0.5,
+            "l2": 0.01,
+            "decoupled_decay": 0.0,
+        },
+    ),
+    (
+        "rprop",
+        4,
+        {"eta_minus": 0.5, "eta_plus": 1.2, "step_size_min": 1e-3, "step_size_max": 2.0, "l2": 0.0},
+    ),
+    ("lion", 3, {"learning_rate": 0.01, "beta1": 0.9, "beta2": 0.99, "decoupled_decay": 0.1}),
+    (
+        "schedule_free_adamw",
+        4,
+        {
+            "learning_rate": 0.01,
+            "beta1": 0.9,
+            "beta2": 0.999,
+            "epsilon": 1e-8,
+            "bias_correction2": 0.01,
+            "average_weight": 0.25,
+            "decoupled_decay": 0.1,
+        },
+    ),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) on PATH")
+@pytest.mark.parametrize(("name", "roles", "scalars"), CUDA_CASES, ids=[c[0] for c in CUDA_CASES])
+def test_the_cuda_kernel_body_gives_numpys_bits_on_the_host(name, roles, scalars, dtype, tmp_path):
+    """What CuPy would run, compiled for the CPU with FMA contraction off, against the
+    rule on NumPy arrays: the same bits."""
+    from test_compiled import host_kernel
+
+    rule = getattr(_rules, name)
+    ctype = {"float32": "float", "float64": "double"}[dtype.name]
+    graph, library = host_kernel(rule, roles, scalars, ctype, tmp_path)
+    rng = np.random.default_rng(6)
+    arrays = [rng.normal(size=1000).astype(dtype) for _ in range(roles)]
+    arrays[2:] = [np.abs(a) + 0.01 for a in arrays[2:]]  # accumulators, norms, step sizes > 0
+    want = rule(*[a.copy() for a in arrays], xp=np, **scalars)
+    got = [a.copy() for a in arrays]
+    pointers = (ctypes.c_void_p * roles)(*[a.ctypes.data for a in got])
+    scalar_values = np.array(graph.kernel_arguments(scalars), dtype=dtype)
+    library.run(ctypes.c_long(1000), pointers, ctypes.c_void_p(scalar_values.ctypes.data))
+    for role, expected in zip((0, *range(2, roles)), want, strict=True):
+        assert got[role].tobytes() == np.asarray(expected, dtype=dtype).tobytes(), (name, role)
+    assert got[1].tobytes() == arrays[1].tobytes()  # the gradient is an input only
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_policies(kind):
+    """Under "skip" a NaN leaves everything as it was and is counted; "raise" names the
+    parameter and changes nothing."""
+    params_np, grads_np = make_problem(steps=2)
+    bad = {k: v.copy() for k, v in grads_np[1].items()}
+    bad["out.weights"][3] = np.nan
+    opt = getattr(xpoptim, kind)(nonfinite="skip")
+    params, state = run_ours(BackendNumpy, opt, params_np, grads_np[:1])
+    before = exact_snapshot(BackendNumpy, params, state)
+    new_params, new_state = opt.update(params, bad, state)
+    assert new_state.skipped == 1
+    assert new_state.step == state.step == 1
+    assert exact_snapshot(BackendNumpy, new_params, new_state._replace(skipped=0)) == before
+    opt = getattr(xpoptim, kind)(nonfinite="raise")
+    params, state = run_ours(BackendNumpy, opt, params_np, grads_np[:1])
+    before = exact_snapshot(BackendNumpy, params, state)
+    with pytest.raises(xpoptim.NonFiniteGradientError, match=r"out\.weights"):
+        opt.update(params, bad, state)
+    assert exact_snapshot(BackendNumpy, params, state) == before
