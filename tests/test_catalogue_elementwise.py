@@ -591,3 +591,21 @@ def test_nonfinite_policies(kind):
     with pytest.raises(xpoptim.NonFiniteGradientError, match=r"out\.weights"):
         opt.update(params, bad, state)
     assert exact_snapshot(BackendNumpy, params, state) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dask_steps_stay_lazy(backend: Backend, kind, assert_no_compute):
+    if not backend.lazy:
+        pytest.skip("Dask only: init and update build a graph, computing nothing")
+    params_np, grads_np = make_problem(steps=2)
+    opt = getattr(xpoptim, kind)()
+    with assert_no_compute():
+        params = {k: backend.asarray(v) for k, v in params_np.items()}
+        state = opt.init(params)
+        for grads in grads_np:
+            params, state = opt.update(
+                params, {k: backend.asarray(v) for k, v in grads.items()}, state
+            )
+    want, _ = ref.run(kind, {}, params_np, grads_np)
+    for name in want:
+        np.testing.assert_allclose(backend.to_numpy(params[name]), want[name], rtol=1e-12)
