@@ -3,7 +3,9 @@
 Cases (float32): one tensor of 1e8 elements ("big"), 2000 tensors of 5000 elements (1e7
 in all, "small"), and the four tensors of a 64-128-10 MLP ("mlp", 9610 elements, each
 round timing 200 steps). Optimizers: SGD (momentum), RMSprop, Adam, without weight
-decay. Implementations:
+decay; on request (``--optimizers``) the elementwise optimizers of issue 11 (Adagrad,
+Adadelta, Adamax, NAdam, RAdam, Rprop, Lion, ScheduleFreeAdamW) at their defaults,
+against torch.optim where it has them and optax. Implementations:
 
 * ``xpoptim update`` -- ``params, state = opt.update(params, grads, state)`` (compiled);
 * ``xpoptim 1 thread`` -- the same, held to one thread;
@@ -59,12 +61,49 @@ import xpoptim
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("SGD", "RMSprop", "Adam")
-STREAMS = {"SGD": 5, "RMSprop": 5, "Adam": 7}  # arrays read + written per element
+#: The elementwise optimizers of issue 11: rows on request (``--optimizers Adagrad,Lion``),
+#: against torch.optim where it has them and optax (Lion, schedule-free AdamW: optax only).
+CATALOGUE = (
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Rprop",
+    "Lion",
+    "ScheduleFreeAdamW",
+)
+# arrays read + written per element
+STREAMS = {
+    "SGD": 5,
+    "RMSprop": 5,
+    "Adam": 7,
+    "Adagrad": 5,
+    "Adadelta": 7,
+    "Adamax": 7,
+    "NAdam": 7,
+    "RAdam": 7,
+    "Rprop": 7,
+    "Lion": 5,
+    "ScheduleFreeAdamW": 7,
+}
 HYPER: dict[str, dict[str, float]] = {
     "SGD": {"learning_rate": 1e-3, "momentum": 0.9},
     "RMSprop": {"learning_rate": 1e-4, "decay_rate": 0.9, "epsilon": 1e-8},
     "Adam": {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    # The new classes' defaults (torch.optim's, else optax's), decay off.
+    "Adagrad": {"learning_rate": 1e-2, "epsilon": 1e-10},
+    "Adadelta": {"learning_rate": 1.0, "decay_rate": 0.9, "epsilon": 1e-6},
+    "Adamax": {"learning_rate": 2e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    "NAdam": {"learning_rate": 2e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    "RAdam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    "Rprop": {"learning_rate": 1e-2},
+    "Lion": {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.99},
+    "ScheduleFreeAdamW": {"learning_rate": 2.5e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
 }
+#: torch.optim's names for the new classes' hyperparameters (the seed's three are spelled
+#: out in `build_torch`).
+TORCH_NAMES = {"learning_rate": "lr", "epsilon": "eps", "decay_rate": "rho"}
 IMPLS = (
     "xpoptim update",
     "xpoptim 1 thread",
@@ -113,7 +152,10 @@ class Layer:
 
 
 def build_xpoptim(kind: str, params: list[np.ndarray], grads: list[np.ndarray], how: str):
-    opt = getattr(xpoptim, kind)(**HYPER[kind], regularization=None)
+    if kind in CATALOGUE:  # weight decay off by default, no seed-style regularization
+        opt = getattr(xpoptim, kind)(**HYPER[kind])
+    else:
+        opt = getattr(xpoptim, kind)(**HYPER[kind], regularization=None)
     if how == "step":
         layers = [Layer("weights", p, g) for p, g in zip(params, grads, strict=True)]
         return lambda: opt.step(layers)
@@ -151,6 +193,8 @@ def build_xpoptim_torch(kind: str, params: list[np.ndarray], grads: list[np.ndar
 
 
 def build_seed(kind: str, params: list[np.ndarray], grads: list[np.ndarray]):
+    if kind in CATALOGUE:
+        raise Unavailable(f"mpneuralnetwork 1.1.1 has no {kind}")
     try:
         from mpneuralnetwork import optimizers
     except ImportError as exc:
@@ -166,6 +210,8 @@ def build_torch(kind: str, params: list[np.ndarray], grads: list[np.ndarray], ho
         import torch
     except ImportError as exc:
         raise Unavailable(f"torch is not installed ({exc})") from None
+    if kind in CATALOGUE and not hasattr(torch.optim, kind):
+        raise Unavailable(f"torch {torch.__version__} has no torch.optim.{kind}")
     tensors = []
     for p, g in zip(params, grads, strict=True):
         t = torch.nn.Parameter(torch.from_numpy(p))  # shares the NumPy memory
@@ -176,6 +222,11 @@ def build_torch(kind: str, params: list[np.ndarray], grads: list[np.ndarray], ho
     try:
         if kind == "SGD":
             opt = torch.optim.SGD(tensors, lr=h["learning_rate"], momentum=h["momentum"], **flag)
+        elif kind in CATALOGUE:
+            named = {TORCH_NAMES.get(k, k): v for k, v in h.items() if k not in ("beta1", "beta2")}
+            if "beta1" in h:
+                named["betas"] = (h["beta1"], h["beta2"])
+            opt = getattr(torch.optim, kind)(tensors, **named, **flag)
         elif kind == "RMSprop":
             opt = torch.optim.RMSprop(
                 tensors, lr=h["learning_rate"], alpha=h["decay_rate"], eps=h["epsilon"], **flag
@@ -205,8 +256,22 @@ def build_optax(kind: str, params: list[np.ndarray], grads: list[np.ndarray]):
         tx = optax.sgd(h["learning_rate"], momentum=h["momentum"])
     elif kind == "RMSprop":
         tx = optax.rmsprop(h["learning_rate"], decay=h["decay_rate"], eps=h["epsilon"])
-    else:
+    elif kind == "Adam":
         tx = optax.adam(h["learning_rate"], b1=h["beta1"], b2=h["beta2"], eps=h["epsilon"])
+    elif kind == "ScheduleFreeAdamW":
+        tx = optax.contrib.schedule_free_adamw(
+            h["learning_rate"], b1=h["beta1"], b2=h["beta2"], eps=h["epsilon"]
+        )
+    elif kind == "Lion":
+        tx = optax.lion(h["learning_rate"], b1=h["beta1"], b2=h["beta2"], weight_decay=0.0)
+    elif kind in ("Adamax", "NAdam", "RAdam"):
+        tx = getattr(optax, kind.lower())(
+            h["learning_rate"], b1=h["beta1"], b2=h["beta2"], eps=h["epsilon"]
+        )
+    elif kind == "Adadelta":
+        tx = optax.adadelta(h["learning_rate"], rho=h["decay_rate"], eps=h["epsilon"])
+    else:  # Adagrad, Rprop: optax's own defaults beyond the learning rate
+        tx = getattr(optax, kind.lower())(h["learning_rate"])
     jparams = [jax.numpy.array(p) for p in params]
     jgrads = [jax.numpy.array(g) for g in grads]
     state = tx.init(jparams)
@@ -549,7 +614,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small-count", type=int, help="tensors of the many-tensor case (2000)")
     parser.add_argument("--small-total", type=int, help="their elements in all (1e7)")
     parser.add_argument("--repeats", type=int, help="timed rounds (7; --quick: 3)")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help="comma list of: " + ", ".join(OPTIMIZERS + CATALOGUE),
+    )
     parser.add_argument(
         "--impls", default=",".join(IMPLS), help="comma list of: " + ", ".join(IMPLS)
     )
@@ -577,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         xpoptim.set_execution_options(num_threads=args.threads)
     kinds = [k for k in args.optimizers.split(",") if k]
     impls = [i for i in args.impls.split(",") if i]
-    unknown = set(kinds) - set(OPTIMIZERS) | set(impls) - set(IMPLS)
+    unknown = set(kinds) - set(OPTIMIZERS) - set(CATALOGUE) | set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"unknown optimizers or implementations: {sorted(unknown)}")
 

@@ -82,4 +82,30 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
 
 def test_benchmark_rejects_unknown_names(bench):
     with pytest.raises(SystemExit):
-        bench.main(["--optimizers", "Adagrad", "--no-plot"])
+        bench.main(["--optimizers", "NoSuchOptimizer", "--no-plot"])
+
+
+@pytest.mark.slow
+def test_benchmark_rows_of_the_new_elementwise_optimizers(bench, tmp_path):
+    """``--optimizers`` takes each elementwise optimizer of issue 11; xpoptim's rows are
+    measured and torch's are measured exactly where torch.optim has the optimizer."""
+    out = tmp_path / "bench.json"
+    result = bench.main(
+        [
+            *("--optimizers", ",".join(bench.CATALOGUE), "--cases", "mlp"),
+            *("--impls", "xpoptim update,xpoptim step,torch foreach,optax jit"),
+            *("--repeats", "1", "--json", str(out), "--quick", "--no-plot", "--no-compile-times"),
+        ]
+    )
+    rows = {(r["optimizer"], r["impl"]): r for r in result["rows"]}
+    assert {kind for kind, _ in rows} == set(bench.CATALOGUE)
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+    for (kind, impl), row in rows.items():
+        if impl.startswith("xpoptim"):
+            assert row["median_ms"] > 0, (kind, impl)
+        elif impl == "torch foreach" and torch is not None:
+            has = hasattr(torch.optim, kind)
+            assert ("unavailable" in row) != has, (kind, row)
+            assert kind not in ("Lion", "ScheduleFreeAdamW") or not has

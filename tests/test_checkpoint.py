@@ -340,8 +340,8 @@ BAD_FILES = {
     ),
     "member not named": (_extra_tensor, "not named by the metadata"),
     "unknown optimizer": (
-        _set_meta("state", "optimizer", value="Lion"),
-        "unknown optimizer type 'Lion'",
+        _set_meta("state", "optimizer", value="NoSuchOptimizer"),
+        "unknown optimizer type 'NoSuchOptimizer'",
     ),
     "config that builds nothing": (
         _set_meta("state", "config", "beta1", value=2.0),

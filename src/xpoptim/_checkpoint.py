@@ -89,7 +89,8 @@ def _optimizer_types() -> dict[str, type[Optimizer]]:
     while todo:
         cls = todo.pop()
         for sub in cls.__subclasses__():
-            found.setdefault(sub.__name__, sub)
+            if hasattr(sub, "State"):  # not a shared base (PeerOptimizer): no state of its own
+                found.setdefault(sub.__name__, sub)
             todo.append(sub)
     return found
 

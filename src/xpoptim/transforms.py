@@ -37,7 +37,7 @@ from . import _validation as check
 from ._compat import Array, Namespace
 from ._execution import select as _select
 from ._execution import updates_in_place
-from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
+from ._optimizers import OPTIMIZERS, Optimizer
 
 __all__ = [
     "Clipped",
@@ -440,7 +440,7 @@ class ParamGroups(_Wrapper):
         super().__init__()
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
-                f"optimizer must be an xpoptim Optimizer (SGD, RMSprop, Adam, AdamW), "
+                f"optimizer must be an xpoptim Optimizer (SGD, Adam, Lion, ...), "
                 f"got {type(optimizer).__name__}"
             )
         if isinstance(groups, Mapping) or not isinstance(groups, Sequence):
@@ -541,7 +541,7 @@ class ParamGroups(_Wrapper):
 
 
 _OPTIMIZERS: dict[str, Callable[..., Any]] = {
-    cls.__name__: cls.from_config for cls in (SGD, RMSprop, Adam, AdamW)
+    name: cls.from_config for name, cls in OPTIMIZERS.items()
 }
 
 

@@ -26,6 +26,7 @@ from .. import schedules as _schedules
 from .._compat import Array, Namespace
 from .._execution import (
     current_options,
+    owned,
     run_rule,
     scalars_like,
     updates_in_place,
@@ -40,6 +41,26 @@ from .._execution.placement import zeros_beside
 
 #: Substrings of parameter names that are never regularized (the seed's rule).
 NOT_DECAYED = ("bias", "beta", "gamma")
+
+
+def _truths(scalars: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+    """Each scalar's truth value: what a traced kernel's guards check."""
+    return tuple((name, bool(value)) for name, value in scalars.items())
+
+
+def filled(buffer: Array, value: Array | float, xp: Namespace) -> Array:
+    """A zero ``buffer`` plus ``value`` (a number, or an array shaped like it): in place
+    where the buffer is updated in place (keeping its memory layout), else a new array.
+
+    An array ``value`` is read through `owned` (a PyTorch parameter's autograd history
+    stays out of the state).
+    """
+    if not isinstance(value, int | float):
+        value = owned(value, xp)
+    if updates_in_place(buffer):
+        buffer += value
+        return buffer
+    return buffer + value
 
 
 class Optimizer:
@@ -92,6 +113,8 @@ class Optimizer:
         self._unplaced: set[str] = set()
         #: what the last ``step(layers)`` did, to do it again cheaply (see step_plan)
         self._plan: StepPlan | None = None
+        #: the truth values of the shared scalars the plan was made with
+        self._plan_truths: tuple[tuple[str, bool], ...] = ()
         self._validate_hyperparameters()
 
     # -- configuration -------------------------------------------------------------
@@ -184,8 +207,9 @@ class Optimizer:
     # -- functional core ---------------------------------------------------------------
 
     def init(self, params: Mapping[str, Array]) -> Any:
-        """Zero state for ``params``: each buffer has its parameter's shape, dtype, device
-        (and, for Dask, chunks).
+        """The initial state for ``params``: each buffer has its parameter's shape, dtype,
+        device (and, for Dask, chunks), and starts at zero unless the optimizer says
+        otherwise (`Adagrad`'s ``initial_accumulator_value``, `Rprop`'s step sizes).
 
         Args:
             params: parameter name -> array, all of one Array API namespace.
@@ -202,11 +226,20 @@ class Optimizer:
                     name: zeros_beside(self._buffer_shape(field, tuple(p.shape)), p, xp)
                     for name, p in params.items()
                 }
+        initial = self._initial_state(params, dict(zip(fields, buffers, strict=True)), xp)
         return self.State(
             step=0,
-            **dict(zip(fields, buffers, strict=True)),
+            **initial,
             skipped=_nonfinite.initial_count(self.nonfinite),
         )
+
+    def _initial_state(
+        self, params: Mapping[str, Array], buffers: dict[str, dict[str, Array]], xp: Namespace
+    ) -> dict[str, dict[str, Array]]:
+        """The buffers of new parameters, given zeros laid out for the fast paths
+        (``field -> name -> buffer``). An optimizer whose state does not start at zero
+        fills them here, with `filled` (which keeps that layout)."""
+        return buffers
 
     def _check_state(self, state: Any, params: Mapping[str, Array], xp: Namespace | None) -> Any:
         if not isinstance(state, self.State):
@@ -374,7 +407,13 @@ class Optimizer:
         if grads is None:
             return False
         step = self._state.step + 1
-        if not plan.run(grads, self._step_scalars(step)):
+        shared = self._step_scalars(step)
+        # The plan's kernels were traced for the truth values of these scalars (RAdam's
+        # ``rectified`` turns True at some step): another pattern takes the full path,
+        # which plans again, before any kernel runs.
+        if _truths(shared) != self._plan_truths:
+            return False
+        if not plan.run(grads, shared):
             return False
         self._state = plan.state = self._state._replace(step=step)
         return True
@@ -392,6 +431,8 @@ class Optimizer:
             for name, p in params.items()
             for scalars in (self._param_scalars(name),)
         ]
+        shared = self._step_scalars(state.step)
+        self._plan_truths = _truths(shared)
         return step_plan.build(
             self._rule_function(),
             self._plan_key(),
@@ -399,7 +440,7 @@ class Optimizer:
             current_options(),
             layers,
             items,
-            self._step_scalars(state.step),
+            shared,
             fields,
         )
 

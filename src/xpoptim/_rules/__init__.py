@@ -1,6 +1,7 @@
 """Update rules: the math of every optimizer, written once against the Array API standard.
 
-One module per family (``_sgd``, ``_rmsprop``, ``_adam``, ...), the gradient transforms
+One module per family (``_sgd``, ``_rmsprop``, ``_adam``, ``_adam_variants``, ``_adagrad``,
+``_sign``, ``_schedule_free``, ...), the gradient transforms
 (``_transforms``) and what several share (``_common``); this package re-exports them all,
 so ``_rules.adam`` is the Adam rule.
 
@@ -25,29 +26,42 @@ blocked paths do); one that is not (a reduction, a matmul) says so in its docstr
 runs on whole arrays.
 """
 
+from ._adagrad import adadelta, adagrad
 from ._adam import adam, adam_amsgrad
+from ._adam_variants import adamax, nadam, radam
 from ._common import penalized_gradient
 from ._factored import adafactor
 from ._layerwise import lamb, lars
 from ._orthogonal import muon, newton_schulz
 from ._rmsprop import rmsprop, rmsprop_extended
+from ._schedule_free import schedule_free_adamw, schedule_free_average
 from ._sgd import sgd, sgd_nesterov
+from ._sign import lion, rprop
 from ._transforms import accumulate, clip_by_value, clip_scale, sum_of_squares
 
 __all__ = [
     "accumulate",
+    "adadelta",
     "adafactor",
+    "adagrad",
     "adam",
     "adam_amsgrad",
+    "adamax",
     "clip_by_value",
     "clip_scale",
     "lamb",
     "lars",
+    "lion",
     "muon",
+    "nadam",
     "newton_schulz",
     "penalized_gradient",
+    "radam",
     "rmsprop",
     "rmsprop_extended",
+    "rprop",
+    "schedule_free_adamw",
+    "schedule_free_average",
     "sgd",
     "sgd_nesterov",
     "sum_of_squares",

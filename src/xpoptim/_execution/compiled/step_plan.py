@@ -31,6 +31,7 @@ import numpy as np
 from ..blocked import Item
 from ..flat import group_key
 from ..options import ExecutionOptions
+from .ir import GuardFailed
 from .kernels import NUMBA_MISSING, Kernel, NoKernel, numba_kernel
 from .numpy_path import launch
 
@@ -101,10 +102,18 @@ class StepPlan:
         return out
 
     def run(self, gradients: list[np.ndarray], shared: Mapping[str, Any]) -> bool:
-        """Step every parameter with ``gradients``; False (nothing done) if a gradient's
-        memory layout differs from its parameter's."""
+        """Step every parameter with ``gradients``; False, with nothing done, if a
+        gradient's memory layout differs from its parameter's or a hyperparameter's truth
+        value differs from the one a group's kernel was traced for (everything is checked
+        before the first kernel runs: never half a step)."""
         from .numba_support import address_and_layout
 
+        try:
+            arguments = [
+                group.kernel.arguments({**shared, **group.scalars}) for group in self.groups
+            ]
+        except GuardFailed:
+            return False
         tables = []
         for group in self.groups:
             table = group.table.copy()
@@ -116,9 +125,8 @@ class StepPlan:
                     return False
                 table[row, 1] = address
             tables.append(table)
-        for group, table in zip(self.groups, tables, strict=True):
-            arguments = group.kernel.arguments({**shared, **group.scalars})
-            launch(group.kernel, table, group.sizes, arguments, self.options)
+        for group, table, args in zip(self.groups, tables, arguments, strict=True):
+            launch(group.kernel, table, group.sizes, args, self.options)
         return True
 
 
