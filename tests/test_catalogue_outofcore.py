@@ -15,21 +15,24 @@ SHAPES = {"dense.weights": (13, 7), "dense.bias": (7,)}
 CHUNKS = {"dense.weights": (4, 7), "dense.bias": (3,)}
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [xpoptim.Adagrad(0.1, weight_decay=0.01), xpoptim.Lion(0.01, weight_decay=0.1)],
-    ids=["Adagrad", "Lion"],
-)
+OPTIMIZERS = {
+    "Adagrad": xpoptim.Adagrad(0.1, weight_decay=0.01, initial_accumulator_value=0.1),
+    "Adadelta": xpoptim.Adadelta(),
+    "Adamax": xpoptim.Adamax(),
+    "NAdam": xpoptim.NAdam(),
+    "RAdam": xpoptim.RAdam(),
+    "Rprop": xpoptim.Rprop(),  # step sizes start at the learning rate
+    "Lion": xpoptim.Lion(0.01, weight_decay=0.1),
+    "ScheduleFreeAdamW": xpoptim.ScheduleFreeAdamW(),  # z starts at the parameters
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
 def test_out_of_core_step_equals_the_in_memory_one(tmp_path, optimizer):
     rng = np.random.default_rng(0)
     params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
     grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for _ in "ab"]
-    try:
-        store = xpoptim.OutOfCore.create(tmp_path / "s", optimizer, params, chunks=CHUNKS)
-    except TypeError as exc:
-        if "SGD, RMSprop, Adam or AdamW" in str(exc):
-            pytest.xfail(f"OutOfCore does not take the new elementwise optimizers yet: {exc}")
-        raise
+    store = xpoptim.OutOfCore.create(tmp_path / "s", optimizer, params, chunks=CHUNKS)
     want = {k: v.copy() for k, v in params.items()}
     state = optimizer.init(want)
     for g in grads:

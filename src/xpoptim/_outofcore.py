@@ -52,7 +52,7 @@ from . import _outofcore_layout as layout
 from . import _validation as check
 from ._atomic import fsync_path, is_temporary, replace_atomically
 from ._execution import execution_options
-from ._optimizers import SGD, Adam, AdamW, Optimizer, RMSprop
+from ._optimizers import OPTIMIZERS, Optimizer
 from ._outofcore_layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from ._outofcore_lock import writer_lock
 
@@ -73,7 +73,11 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 #: How often `OutOfCore.read` starts again when a commit replaced the version it read.
 READ_ATTEMPTS = 5
 
-_OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, RMSprop, Adam, AdamW)}
+#: The optimizers a store can name: every elementwise one (`_check_elementwise` refuses
+#: the others, which need a whole parameter at once).
+_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    name: cls for name, cls in OPTIMIZERS.items() if cls.elementwise
+}
 
 #: Test hook: called with the name of each phase of a step (``"locked"``, ``"created"``,
 #: ``"stored"``, ``"flushed"``, ``"committed"``, ``"collected"``). The crash tests kill the
@@ -322,7 +326,10 @@ class OutOfCore:
         -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
         _check_elementwise(optimizer)
         if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
-            raise TypeError(f"optimizer must be SGD, RMSprop, Adam or AdamW, got {optimizer!r}")
+            raise TypeError(
+                f"optimizer must be one of xpoptim's elementwise optimizers "
+                f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
+            )
         _check_policy(optimizer)
         if not isinstance(params, Mapping) or not params:
             raise ValueError("params must be a non-empty mapping from names to arrays")
@@ -383,12 +390,13 @@ class OutOfCore:
             # Every chunk is written, the zero state included: a missing chunk is an error.
             values = list(sources.values())
             destinations = [targets[f"params/{n}"] for n in sources]
-            for n, x in sources.items():
+            # The optimizer's own initial state, lazily with the parameters' chunks: zeros
+            # for most, the learning rate (Rprop's step sizes) or the parameters
+            # (schedule-free's z) for some.
+            initial = state if state is not None else optimizer.init(sources)._asdict()
+            for n in sources:
                 for field in fields:
-                    if state is None:
-                        values.append(da.zeros(x.shape, dtype=x.dtype, chunks=x.chunks))
-                    else:
-                        values.append(state[field][n])
+                    values.append(initial[field][n])
                     destinations.append(targets[f"{field}/{n}"])
             store._compute(
                 da.store(values, destinations, lock=False, compute=False),
