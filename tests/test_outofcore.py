@@ -320,7 +320,9 @@ def test_create_refuses_bad_arguments(tmp_path):
         xpoptim.OutOfCore.create(tmp_path / "x", xpoptim.Adam(), {"a/b": params["dense.bias"]})
     with pytest.raises(TypeError, match=r"real floating"):
         xpoptim.OutOfCore.create(tmp_path / "y", xpoptim.Adam(), {"w": np.arange(3)})
-    with pytest.raises(TypeError, match=r"optimizer must be one of xpoptim's elementwise optimizers"):
+    with pytest.raises(
+        TypeError, match=r"optimizer must be one of xpoptim's elementwise optimizers"
+    ):
         xpoptim.OutOfCore.create(tmp_path / "z", object(), params)  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match=r"not a directory"):
         xpoptim.OutOfCore.open(tmp_path / "nowhere")
