@@ -177,7 +177,7 @@ def test_trace_records_the_rule_and_evaluates_scalars_as_python_does():
     graph = trace(_rules.adam, 4, ADAM_SCALARS)
     ops = [n.op for n in graph.nodes if n.array and n.op != "input"]
     assert ops == [
-        "mul", "mul", "add", "mul", "square", "mul", "add", "sqrt", "div", "add", "mul",
+        "mul", "mul", "add", "square", "mul", "mul", "add", "sqrt", "div", "add", "mul",
         "div", "sub",
     ]  # fmt: skip
     assert len(graph.outputs) == 3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
-from ._common import penalized_gradient
+from ._common import moving_average, penalized_gradient
 
 
 def adagrad(
@@ -54,10 +54,8 @@ def adadelta(
         ``(p, square_avg, delta_avg)``.
     """
     g = penalized_gradient(g, p, l1=0.0, l2=l2, xp=xp)
-    square_avg *= decay_rate
-    square_avg += (1.0 - decay_rate) * xp.square(g)
+    square_avg = moving_average(square_avg, xp.square(g), decay=decay_rate)
     delta = xp.sqrt(delta_avg + epsilon) / xp.sqrt(square_avg + epsilon) * g
-    delta_avg *= decay_rate
-    delta_avg += (1.0 - decay_rate) * xp.square(delta)
+    delta_avg = moving_average(delta_avg, xp.square(delta), decay=decay_rate)
     p -= learning_rate * delta
     return p, square_avg, delta_avg

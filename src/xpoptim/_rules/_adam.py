@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
-from ._common import penalized_gradient
+from ._common import moving_average, penalized_gradient
 
 
 def adam(
@@ -38,10 +38,8 @@ def adam(
         ``(p, m, v)``.
     """
     g = penalized_gradient(g, p, l1=l1, l2=0.0, xp=xp)
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    m = moving_average(m, g, decay=beta1)
+    v = moving_average(v, xp.square(g), decay=beta2)
     denom = xp.sqrt(v)
     denom /= sqrt_bias_correction2
     denom += epsilon
@@ -78,10 +76,8 @@ def adam_amsgrad(
         ``(p, m, v, v_max)``.
     """
     g = penalized_gradient(g, p, l1=l1, l2=0.0, xp=xp)
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    m = moving_average(m, g, decay=beta1)
+    v = moving_average(v, xp.square(g), decay=beta2)
     # A new array: where the buffers are updated in place, the execution layer writes it
     # back into v_max's memory.
     v_max = xp.maximum(v_max, v)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
-from ._common import penalized_gradient
+from ._common import moving_average, penalized_gradient
 
 
 def _decay_and_penalty(
@@ -39,8 +39,7 @@ def adamax(
         ``(p, m, u)``.
     """
     g = penalized_gradient(g, p, l1=0.0, l2=l2, xp=xp)
-    m *= beta1
-    m += (1.0 - beta1) * g
+    m = moving_average(m, g, decay=beta1)
     u *= beta2
     # A new array: where the buffers are updated in place, the execution layer writes it
     # back into u's memory.
@@ -83,10 +82,8 @@ def nadam(
     p, g = _decay_and_penalty(
         p, g, learning_rate=learning_rate, l2=l2, decoupled_decay=decoupled_decay, xp=xp
     )
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    m = moving_average(m, g, decay=beta1)
+    v = moving_average(v, xp.square(g), decay=beta2)
     denom = xp.sqrt(v / bias_correction2)
     denom += epsilon
     p -= gradient_step * g / denom
@@ -126,10 +123,8 @@ def radam(
     p, g = _decay_and_penalty(
         p, g, learning_rate=learning_rate, l2=l2, decoupled_decay=decoupled_decay, xp=xp
     )
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    m = moving_average(m, g, decay=beta1)
+    v = moving_average(v, xp.square(g), decay=beta2)
     if rectified:
         denom = xp.sqrt(v)
         denom += epsilon

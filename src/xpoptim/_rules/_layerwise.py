@@ -4,6 +4,7 @@ a whole parameter, so it runs on whole arrays (the plain path)."""
 from __future__ import annotations
 
 from .._compat import Array, Namespace
+from ._common import moving_average
 
 
 def _norm(x: Array, *, xp: Namespace) -> Array:
@@ -53,10 +54,8 @@ def lamb(
     Returns:
         ``(p, m, v)``.
     """
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    m = moving_average(m, g, decay=beta1)
+    v = moving_average(v, xp.square(g), decay=beta2)
     r = (m / bias_correction1) / (xp.sqrt(v / bias_correction2) + epsilon)
     if weight_decay:
         r = r + weight_decay * p

@@ -5,6 +5,7 @@ on whole arrays (the plain path)."""
 from __future__ import annotations
 
 from .._compat import Array, Namespace
+from ._common import moving_average
 
 
 def newton_schulz(
@@ -73,10 +74,8 @@ def muon(
         ``(p, m, v)``.
     """
     if p.ndim != 2:
-        m *= adam_beta1
-        m += (1.0 - adam_beta1) * g
-        v *= adam_beta2
-        v += (1.0 - adam_beta2) * xp.square(g)
+        m = moving_average(m, g, decay=adam_beta1)
+        v = moving_average(v, xp.square(g), decay=adam_beta2)
         if decoupled_decay:
             p *= 1.0 - learning_rate * decoupled_decay
         denom = xp.sqrt(v) / adam_sqrt_bias_correction2 + adam_epsilon

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
-from ._common import penalized_gradient
+from ._common import moving_average, penalized_gradient
 
 
 def rmsprop(
@@ -71,12 +71,10 @@ def rmsprop_extended(
     """
     g = penalized_gradient(g, p, l1=l1, l2=l2, xp=xp)
     rest = list(buffers)
-    cache *= decay_rate
-    cache += (1.0 - decay_rate) * xp.square(g)
+    cache = moving_average(cache, xp.square(g), decay=decay_rate)
     if centered:
         mean_grad = rest.pop(0)
-        mean_grad *= decay_rate
-        mean_grad += (1.0 - decay_rate) * g
+        mean_grad = moving_average(mean_grad, g, decay=decay_rate)
         denom = xp.sqrt(cache - xp.square(mean_grad))
         out: list[Array] = [mean_grad]
     else:

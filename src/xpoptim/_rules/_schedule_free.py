@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
+from ._common import moving_average
 
 
 def schedule_free_adamw(
@@ -34,8 +35,7 @@ def schedule_free_adamw(
     Returns:
         ``(y, z, v)``.
     """
-    v *= beta2
-    v += (1.0 - beta2) * xp.square(g)
+    v = moving_average(v, xp.square(g), decay=beta2)
     update = g * (1.0 / (xp.sqrt(v / bias_correction2) + epsilon))
     if decoupled_decay:
         update = update + decoupled_decay * y

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._compat import Array, Namespace
-from ._common import penalized_gradient
+from ._common import moving_average, penalized_gradient
 
 
 def rprop(
@@ -67,6 +67,5 @@ def lion(
     if decoupled_decay:
         update = update + decoupled_decay * p
     p -= learning_rate * update
-    m *= beta2
-    m += (1.0 - beta2) * g
+    m = moving_average(m, g, decay=beta2)
     return p, m
