@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 import xpoptim
-from xpoptim._outofcore_demo import (
+from xpoptim._outofcore.demo import (
     parse_size,
     peak_rss_bytes,
     synthetic_arrays,

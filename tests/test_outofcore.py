@@ -26,7 +26,7 @@ da = pytest.importorskip("dask.array", reason="the out-of-core optimizer needs d
 zarr = pytest.importorskip("zarr", reason="the out-of-core optimizer needs zarr (.[dask])")
 
 import xpoptim  # noqa: E402
-from xpoptim._outofcore_demo import (  # noqa: E402
+from xpoptim._outofcore.demo import (  # noqa: E402
     run_out_of_core_demo,
     run_synthetic_steps,
     synthetic_arrays,
@@ -431,7 +431,7 @@ def test_sigkill_at_random_moments_never_tears_the_store(tmp_path):
 
     ctx = multiprocessing.get_context("forkserver")
     # Children fork from a server that has imported everything once: they start at once.
-    preload = ["xpoptim._outofcore_demo", "dask.array", "zarr", "pytest", "distributed"]
+    preload = ["xpoptim._outofcore.demo", "dask.array", "zarr", "pytest", "distributed"]
     ctx.set_forkserver_preload(preload)
     rng = random.Random(1234)
     # Deterministic crashes at every phase boundary first, then kills at random times.

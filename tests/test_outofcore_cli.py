@@ -16,9 +16,9 @@ zarr = pytest.importorskip("zarr", reason="the out-of-core optimizer needs zarr 
 
 import xpoptim  # noqa: E402
 from test_outofcore_errors import everything, user_folder  # noqa: E402
-from xpoptim import _outofcore_demo  # noqa: E402
 from xpoptim.__main__ import main  # noqa: E402
-from xpoptim._outofcore_demo import run_out_of_core_demo  # noqa: E402
+from xpoptim._outofcore import demo as _outofcore_demo  # noqa: E402
+from xpoptim._outofcore.demo import run_out_of_core_demo  # noqa: E402
 
 TINY = ["--size", "2MB", "--chunk-size", "256KiB", "--steps", "1"]
 
@@ -79,7 +79,7 @@ def test_cli_out_of_core_dot_leaves_the_current_folder_alone(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("size", ["1G", "3 gigabytes", "-1GB", "0", "nan", "1e400"])
-@pytest.mark.parametrize("entry", ["xpoptim", "xpoptim._outofcore_demo"])
+@pytest.mark.parametrize("entry", ["xpoptim", "xpoptim._outofcore.demo"])
 def test_a_bad_size_is_a_usage_error(tmp_path, capsys, size, entry):
     if entry == "xpoptim":
         run, argv = main, ["demo", "--out-of-core", str(tmp_path / "d"), f"--size={size}"]

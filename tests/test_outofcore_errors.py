@@ -29,7 +29,7 @@ from test_outofcore import (  # noqa: E402
     problem,
     snapshot,
 )
-from xpoptim._outofcore_chunks import CorruptChunkError  # noqa: E402
+from xpoptim._outofcore.chunks import CorruptChunkError  # noqa: E402
 
 
 def everything(directory: Path) -> dict[str, Any]:

@@ -29,15 +29,15 @@ from test_outofcore import (  # noqa: E402
     in_memory,
     snapshot,
 )
-from xpoptim._outofcore_demo import synthetic_arrays  # noqa: E402
+from xpoptim._outofcore.demo import synthetic_arrays  # noqa: E402
 
 #: A writer process: steps the store at argv[1] to step argv[4]; at phase argv[3] of its
 #: first step it writes its pid to SIGNALS/holding and waits for SIGNALS/release.
 WRITER = r"""
 import os, sys, time
 from pathlib import Path
-import xpoptim, xpoptim._outofcore as ooc
-from xpoptim._outofcore_demo import synthetic_arrays
+import xpoptim, xpoptim._outofcore.directory as ooc
+from xpoptim._outofcore.demo import synthetic_arrays
 directory, signals, hold, until = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 def hook(phase):
     if phase == hold and not (signals / "holding").exists():

@@ -21,7 +21,7 @@ zarr = pytest.importorskip("zarr", reason="the out-of-core optimizer needs zarr 
 import xpoptim  # noqa: E402
 from test_outofcore import CHUNKS, assert_store_equals, in_memory, problem  # noqa: E402
 from test_outofcore_errors import everything  # noqa: E402
-from xpoptim._outofcore_chunks import CorruptChunkError  # noqa: E402
+from xpoptim._outofcore.chunks import CorruptChunkError  # noqa: E402
 
 
 def version_1_store(directory: Path, optimizer: xpoptim.Optimizer, params, grads) -> Path:

@@ -31,7 +31,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 def _size(text: str) -> int:
     """A size argument (``3GB``, ``512MiB``); a bad one is a usage error."""
-    from ._outofcore_demo import size_argument
+    from ._outofcore.demo import size_argument
 
     return size_argument(text)
 
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ooc.add_argument("--threads", type=int, default=None, help="Dask threads (default: cores)")
     args = parser.parse_args(argv)
     if args.out_of_core:
-        from ._outofcore_demo import run_cli
+        from ._outofcore.demo import run_cli
 
         return run_cli(demo, args.out_of_core, args.size, args)
     try:

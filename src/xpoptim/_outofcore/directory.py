@@ -6,17 +6,17 @@ chunk once and writes every output chunk once. The math is the optimizer's own
 `xpoptim.Optimizer.update` (the rules of `xpoptim._rules`) applied to Dask
 arrays that read from Zarr: there is no second copy of the update rules here.
 
-Layout of the directory (a Zarr v3 group; checks in `xpoptim._outofcore_layout`)::
+Layout of the directory (a Zarr v3 group; checks in `xpoptim._outofcore.layout`)::
 
     DIR/zarr.json           root group; attributes["xpoptim"] = format, optimizer type,
                             array names, shapes, dtypes, chunks (written once, at create)
     DIR/v{k}/params/{name}  the parameters after step k
     DIR/v{k}/{field}/{name} the state buffers after step k (``momentums``, ...)
     DIR/xpoptim.json        the commit pointer: {"step": k, "version": "v{k}", optimizer config}
-    DIR/xpoptim.lock        the writers' lock file (`xpoptim._outofcore_lock`)
+    DIR/xpoptim.lock        the writers' lock file (`xpoptim._outofcore.lock`)
 
 Every chunk is written (zeros included) with a CRC-32C checksum; a missing or corrupt
-chunk is an error, never read as zeros (`xpoptim._outofcore_chunks`). One writer at a
+chunk is an error, never read as zeros (`xpoptim._outofcore.chunks`). One writer at a
 time: each step and each create holds an exclusive ``flock`` on the lock file.
 
 Crash safety (the protocol, also in ``docs/out-of-core.md``): step ``k+1`` reads only
@@ -48,13 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _outofcore_layout as layout
-from . import _validation as check
-from ._atomic import fsync_path, is_temporary, replace_atomically
-from ._execution import execution_options
-from ._optimizers import OPTIMIZERS, Optimizer
-from ._outofcore_layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
-from ._outofcore_lock import writer_lock
+from .. import _validation as check
+from .._atomic import fsync_path, is_temporary, replace_atomically
+from .._execution import execution_options
+from .._optimizers import OPTIMIZERS, Optimizer
+from . import layout
+from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
+from .lock import writer_lock
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -442,7 +442,7 @@ class OutOfCore:
                 included), or ``destination`` is not new or empty.
         """
         da, zarr = _lazy("dask.array"), _lazy("zarr")
-        integrity = _lazy("xpoptim._outofcore_chunks")
+        integrity = _lazy("xpoptim._outofcore.chunks")
 
         source, destination = Path(source), Path(destination)
         if destination.resolve() == source.resolve():
@@ -816,7 +816,7 @@ class OutOfCore:
     def _create_version(self, version: str) -> dict[str, Any]:
         """Empty arrays for ``version`` (replacing leftovers of an interrupted attempt)."""
         zarr = _lazy("zarr")
-        chunks = _lazy("xpoptim._outofcore_chunks")
+        chunks = _lazy("xpoptim._outofcore.chunks")
 
         path = self.directory / version
         if path.exists():
@@ -845,7 +845,7 @@ class OutOfCore:
         through `CheckedStore` (a missing or corrupt chunk raises); every chunk file
         must be present."""
         zarr = _lazy("zarr")
-        chunks = _lazy("xpoptim._outofcore_chunks")
+        chunks = _lazy("xpoptim._outofcore.chunks")
 
         store = chunks.CheckedStore(self.directory, read_only=mode == "r")
         arrays = {}

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from ._outofcore_layout import StoreError
+from .layout import StoreError
 
 # Zarr's own CRC-32C implementation (a dependency of zarr), untyped.
 google_crc32c: Any = importlib.import_module("google_crc32c")

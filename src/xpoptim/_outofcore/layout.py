@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._atomic import is_temporary
+from .._atomic import is_temporary
 
 #: Identifies an xpoptim out-of-core store (root group attribute ``xpoptim.format``).
 FORMAT = "xpoptim.outofcore"
@@ -27,7 +27,7 @@ FORMAT = "xpoptim.outofcore"
 FORMAT_VERSION = 2
 #: The commit pointer, in the store's root directory.
 POINTER = "xpoptim.json"
-#: The writers' lock file, in the store's root directory (see `xpoptim._outofcore_lock`).
+#: The writers' lock file, in the store's root directory (see `xpoptim._outofcore.lock`).
 LOCK = "xpoptim.lock"
 #: The root group's metadata (Zarr v3).
 ROOT_META = "zarr.json"
@@ -332,6 +332,6 @@ def clear_store(directory: Path, entries: list[Path]) -> None:
         else:
             entry.unlink(missing_ok=True)
     if entries:
-        from ._atomic import fsync_directory
+        from .._atomic import fsync_directory
 
         fsync_directory(os.fspath(directory))

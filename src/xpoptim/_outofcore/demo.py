@@ -9,7 +9,7 @@ stepped alone), and reports GB/s and peak RSS.
 
 Also runnable alone, with a hard address-space cap::
 
-    python -m xpoptim._outofcore_demo DIR --size 3GB --max-memory 1GiB
+    python -m xpoptim._outofcore.demo DIR --size 3GB --max-memory 1GiB
 
 The synthetic data is a pure function of ``(seed, step, parameter index, block index)``,
 so any chunk of the initial parameters or of any step's gradient can be regenerated on
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from ._optimizers import Adam
-from ._outofcore import DEFAULT_CHUNK_BYTES, OutOfCore, _lazy
-from ._outofcore_layout import LOCK, StoreError, describe_entries, read_meta
+from .._optimizers import Adam
+from .directory import DEFAULT_CHUNK_BYTES, OutOfCore, _lazy
+from .layout import LOCK, StoreError, describe_entries, read_meta
 
 #: Width of the synthetic weight matrices (float32: 4 KiB per row).
 WIDTH = 1024
@@ -208,10 +208,10 @@ def run_synthetic_steps(
     ``until``: re-running it after a crash continues where the last commit left off.
 
     ``crash_at`` kills this process with SIGKILL when a step reaches that phase (see
-    `xpoptim._outofcore._phase_hook`); ``ready`` (an event) is set once the store
+    `xpoptim._outofcore.directory._phase_hook`); ``ready`` (an event) is set once the store
     is open. Both serve the crash tests, which run this in a forked process.
     """
-    from . import _outofcore
+    from . import directory as _outofcore
 
     if crash_at is not None:
 
@@ -388,7 +388,7 @@ def cap_address_space(limit: int, echo: Callable[[str], Any] = print) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xpoptim._outofcore_demo DIR --size 3GB [--max-memory 1GiB]``."""
+    """``python -m xpoptim._outofcore.demo DIR --size 3GB [--max-memory 1GiB]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
     parser.add_argument(
@@ -421,7 +421,7 @@ def run_cli(
 ) -> int:
     """Run the demo for a command line: a missing dependency or a directory the demo
     may not use ends in a one-line error (exit status 1), not a traceback."""
-    from ._outofcore import MissingDependencyError
+    from .directory import MissingDependencyError
 
     try:
         require_dask()

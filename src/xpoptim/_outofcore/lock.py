@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._outofcore_layout import LOCK, StoreError
+from .layout import LOCK, StoreError
 
 try:  # POSIX
     import fcntl
