@@ -36,7 +36,7 @@ from xpoptim._outofcore.demo import synthetic_arrays  # noqa: E402
 WRITER = r"""
 import os, sys, time
 from pathlib import Path
-import xpoptim, xpoptim._outofcore.directory as ooc
+import xpoptim, xpoptim._outofcore.chunk_step as ooc
 from xpoptim._outofcore.demo import synthetic_arrays
 directory, signals, hold, until = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 def hook(phase):

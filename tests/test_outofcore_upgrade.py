@@ -96,11 +96,17 @@ def test_upgrade_refuses_a_version_1_store_with_a_missing_chunk(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_upgrade_refuses_a_current_store_and_itself_as_destination(tmp_path):
-    params, _ = problem(np.float32, 0)
+def test_upgrade_refuses_itself_as_destination_and_copies_a_current_store(tmp_path):
+    params, grads = problem(np.float32, 1)
     store = xpoptim.OutOfCore.create(tmp_path / "s", xpoptim.SGD(), params, chunks=CHUNKS)
-    with pytest.raises(xpoptim.StoreError, match=r"format version 2; this xpoptim reads version 1"):
-        xpoptim.OutOfCore.upgrade(store.directory, tmp_path / "new")
     with pytest.raises(ValueError, match=r"destination must not be source"):
         xpoptim.OutOfCore.upgrade(store.directory, store.directory)
-    assert not (tmp_path / "new").exists()
+    store.step(grads[0])
+    # A format 2 store copies too (this is how a directory store moves to Icechunk).
+    copy = xpoptim.OutOfCore.upgrade(store.directory, tmp_path / "new")
+    assert copy.step_count == 1
+    (p1, s1), (p2, s2) = store.read(), copy.read()
+    for n in p1:
+        np.testing.assert_array_equal(p1[n], p2[n])
+        for field in store.optimizer._buffer_fields():
+            np.testing.assert_array_equal(getattr(s1, field)[n], getattr(s2, field)[n])

@@ -57,7 +57,7 @@ from ._optimizers import (
     ScheduleFreeAdamWState,
     SGDState,
 )
-from ._outofcore import OutOfCore, StepSummary, StoreError
+from ._outofcore import Commit, ConcurrentWriterError, OutOfCore, StepSummary, StoreError
 from ._state import FORMAT_VERSION, StateDictError, state_from_dict, state_to_dict
 
 __version__ = "0.1.0"
@@ -80,6 +80,8 @@ __all__ = [
     "AdamaxState",
     "Checkpoint",
     "CheckpointError",
+    "Commit",
+    "ConcurrentWriterError",
     "ExecutionOptions",
     "LAMBState",
     "LARSState",

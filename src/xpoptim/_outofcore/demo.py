@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 
 from .._optimizers import Adam
-from .directory import DEFAULT_CHUNK_BYTES, OutOfCore, _lazy
+from .chunk_step import DEFAULT_CHUNK_BYTES, _lazy
+from .directory import DirectoryStore
 from .layout import LOCK, StoreError, describe_entries, read_meta
+from .store import OutOfCore
 
 #: Width of the synthetic weight matrices (float32: 4 KiB per row).
 WIDTH = 1024
@@ -208,10 +210,10 @@ def run_synthetic_steps(
     ``until``: re-running it after a crash continues where the last commit left off.
 
     ``crash_at`` kills this process with SIGKILL when a step reaches that phase (see
-    `xpoptim._outofcore.directory._phase_hook`); ``ready`` (an event) is set once the store
+    `xpoptim._outofcore.chunk_step._phase_hook`); ``ready`` (an event) is set once the store
     is open. Both serve the crash tests, which run this in a forked process.
     """
-    from . import directory as _outofcore
+    from . import chunk_step as _outofcore
 
     if crash_at is not None:
 
@@ -328,7 +330,7 @@ def run_out_of_core_demo(
         f"chunks {chunk_bytes / 2**20:.0f} MiB, threads {num_workers or 'auto'}"
     )
     start = time.perf_counter()
-    store = OutOfCore._create(
+    store = DirectoryStore._create(
         directory,
         optimizer,
         synthetic_arrays(layout, seed, 0),

@@ -35,26 +35,43 @@ independent of the number or size of the parameters.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _validation as check
 from .._atomic import fsync_path, is_temporary, replace_atomically
-from .._execution import execution_options
-from .._optimizers import OPTIMIZERS, Optimizer
+from .._optimizers import Optimizer
 from . import layout
+from .chunk_step import (
+    _OPTIMIZERS,
+    DEFAULT_CHUNK_BYTES,
+    MissingDependencyError,
+    StepSummary,
+    _as_dask,
+    _check_elementwise,
+    _check_policy,
+    _lazy,
+    _phase,
+    _progress_default,
+    _regular_chunks,
+    _update_chunk,
+    check_grads,
+    compute,
+    resolve_optimizer,
+)
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
+from .location import Location
 from .lock import writer_lock
+from .store import OutOfCore
+
+#: How often `OutOfCore.read` starts again when a commit replaced the version it read.
+READ_ATTEMPTS = 5
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -67,104 +84,6 @@ __all__ = [
     "StepSummary",
     "StoreError",
 ]
-
-#: Default target size of one chunk when the chunks are chosen automatically.
-DEFAULT_CHUNK_BYTES = 16 * 2**20
-#: How often `OutOfCore.read` starts again when a commit replaced the version it read.
-READ_ATTEMPTS = 5
-
-#: The optimizers a store can name: every elementwise one (`_check_elementwise` refuses
-#: the others, which need a whole parameter at once).
-_OPTIMIZERS: dict[str, type[Optimizer]] = {
-    name: cls for name, cls in OPTIMIZERS.items() if cls.elementwise
-}
-
-#: Test hook: called with the name of each phase of a step (``"locked"``, ``"created"``,
-#: ``"stored"``, ``"flushed"``, ``"committed"``, ``"collected"``). The crash tests kill the
-#: process there; the two-writer tests hold the lock there.
-_phase_hook: Callable[[str], None] | None = None
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency of the out-of-core store (Dask, Zarr) is not installed."""
-
-
-def _lazy(module: str) -> Any:
-    """Import an optional dependency (Dask, Zarr) when first needed, untyped.
-
-    Raises:
-        MissingDependencyError: it is not installed (says to install ``xpoptim[dask]``).
-    """
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        top = (exc.name or "").split(".")[0]
-        if top not in ("dask", "zarr", "distributed", "google_crc32c"):
-            raise
-        raise MissingDependencyError(
-            f"the out-of-core store needs {top} ({exc.name} is not installed): "
-            "pip install 'xpoptim[dask]'"
-        ) from exc
-
-
-def _progress_default(progress: bool | None) -> bool:
-    """``progress=None``: a progress bar where a terminal shows it (stderr is a tty)."""
-    if progress is None:
-        isatty = getattr(sys.stderr, "isatty", None)
-        return bool(isatty and isatty())
-    return bool(progress)
-
-
-def _phase(name: str) -> None:
-    if _phase_hook is not None:
-        _phase_hook(name)
-
-
-@dataclass(frozen=True)
-class StepSummary:
-    """What one `OutOfCore.step` did.
-
-    Attributes:
-        step: the committed step count after the call.
-        skipped: True when the step had already been committed (an idempotent re-run).
-        bytes_read: bytes of parameters and state read from the store (at step 1 the
-            zero state is Zarr's fill value: not on disk, not actually read).
-        bytes_gradient: bytes of gradient consumed (read from Zarr or computed by Dask).
-        bytes_written: bytes of parameters and state written.
-        elapsed_s: wall time of the whole step (compute, write, flush, commit, cleanup).
-        flush_s: the part of ``elapsed_s`` spent in ``fsync``.
-    """
-
-    step: int
-    skipped: bool
-    bytes_read: int
-    bytes_gradient: int
-    bytes_written: int
-    elapsed_s: float
-    flush_s: float
-
-    @property
-    def bytes_moved(self) -> int:
-        """Store bytes read plus written (the gradient excluded)."""
-        return self.bytes_read + self.bytes_written
-
-    @property
-    def gb_per_s(self) -> float:
-        """Store throughput: :attr:`bytes_moved` / :attr:`elapsed_s`, in GB/s (1e9 bytes)."""
-        return self.bytes_moved / self.elapsed_s / 1e9 if self.elapsed_s > 0 else 0.0
-
-    def __str__(self) -> str:
-        if self.skipped:
-            return f"step {self.step}: already committed, nothing done"
-        return (
-            f"step {self.step}: read {self.bytes_read / 1e9:.3f} GB "
-            f"(+ {self.bytes_gradient / 1e9:.3f} GB gradient), "
-            f"wrote {self.bytes_written / 1e9:.3f} GB in {self.elapsed_s:.2f} s "
-            f"({self.gb_per_s:.2f} GB/s; fsync {self.flush_s:.2f} s)"
-        )
-
-
-# -- small file-system helpers ------------------------------------------------------------
 
 
 def _fsync_tree(root: Path, threads: int) -> None:
@@ -183,39 +102,24 @@ def _write_json_atomically(path: Path, content: Mapping[str, Any]) -> None:
     replace_atomically(path, lambda f: f.write(data))
 
 
-def _regular_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
-    """The Zarr chunk shape of Dask ``chunks``, or None if they are not regular."""
-    shape = []
-    for dim in chunks:
-        size = dim[0] if dim else 0
-        if any(c != size for c in dim[:-1]) or (dim and dim[-1] > size):
-            return None
-        shape.append(max(size, 1))
-    return tuple(shape)
+class Upgrade(NamedTuple):
+    """A directory store's committed step, read lazily for `OutOfCore.upgrade`."""
+
+    optimizer: Optimizer
+    params: dict[str, Any]
+    state: dict[str, dict[str, Any]] | None
+    step: int
+    chunks: dict[str, tuple[int, ...]]
 
 
-# -- the store ----------------------------------------------------------------------------------
+class DirectoryStore(OutOfCore):
+    """The directory engine: a store in a local directory, format 2 (the module docstring).
 
+    Made by `OutOfCore.create` and `OutOfCore.open` for a local path (the default engine).
+    Each step is crash-safe and idempotent, one process steps a store at a time, and every
+    chunk is checksummed.
 
-class OutOfCore:
-    """An optimizer whose parameters and state live in a Zarr group on disk.
-
-    Make one with `create` (new store) or `open` (existing store), then call
-    `step` once per gradient. Each step is crash-safe and idempotent, one process
-    steps a store at a time, and every chunk is checksummed (see the module docstring
-    and ``docs/out-of-core.md``).
-
-    Examples:
-        >>> import numpy as np, tempfile, xpoptim
-        >>> d = tempfile.mkdtemp()
-        >>> store = xpoptim.OutOfCore.create(
-        ...     d, xpoptim.Adam(0.1, regularization=None), {"w": np.ones((4, 3), "f4")},
-        ...     chunks=(2, 3))
-        >>> summary = store.step({"w": np.full((4, 3), 0.5, "f4")})
-        >>> store.step_count, round(float(store.read()[0]["w"][0, 0]), 6)  # 1 - 0.1
-        (1, 0.9)
-
-    Args (of the constructor, which `create` and `open` call):
+    Args (of the constructor):
         directory: the store's directory.
         optimizer: the optimizer whose rule each step runs.
         num_workers: threads of the local scheduler (None: Dask's default, the CPU count).
@@ -227,72 +131,38 @@ class OutOfCore:
         _check_elementwise(optimizer)
         _check_policy(optimizer)
         self.directory = Path(directory)
+        self.location = str(directory)
         self.optimizer = optimizer
         self.num_workers = num_workers
         meta = layout.read_meta(self.directory, _OPTIMIZERS)
-        self._arrays: dict[str, dict[str, Any]] = meta["arrays"]
-        self._fields: list[str] = meta["fields"]
-        if self._fields != list(optimizer._buffer_fields()):
-            raise StoreError(
-                f"{self.directory} holds the state {self._fields}, but this optimizer keeps "
-                f"{list(optimizer._buffer_fields())}: a store cannot change which state "
-                "buffers its optimizer has (e.g. RMSprop's momentum or centered)"
-            )
+        self._arrays = meta["arrays"]
+        self._fields = meta["fields"]
+        self._check_fields(self.directory)
 
-    # -- construction --------------------------------------------------------------------
+    engine = "directory"
 
     @classmethod
-    def create(
+    def _create_at(
         cls,
-        directory: str | os.PathLike[str],
+        where: Location,
         optimizer: Optimizer,
         params: Mapping[str, Any],
         *,
-        chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        overwrite: bool = False,
-        num_workers: int | None = None,
-        client: Any = None,
-        progress: bool | None = None,
-    ) -> OutOfCore:
-        """Create a store holding ``params`` and zero state, committed as step 0.
-
-        Every argument is checked before anything is written. Holds the store's writer
-        lock while it writes.
-
-        Args:
-            directory: where to create it: a new or empty directory, or, with
-                ``overwrite``, an xpoptim out-of-core store to replace.
-            optimizer: an `xpoptim.SGD`, `xpoptim.RMSprop`, `xpoptim.Adam`
-                or `xpoptim.AdamW`, with a config that JSON can store. An optimizer that
-                is not elementwise (``elementwise = False``: LAMB, LARS, Adafactor, Muon)
-                is refused: each chunk is stepped on its own.
-            params: name -> initial values: NumPy, Dask or Zarr arrays of a real floating
-                dtype (a Dask array is computed chunk by chunk, so it may be larger than
-                memory). Names become directories: no ``/``, ``\\``, NUL, ``.`` or
-                ``..``, at most 255 UTF-8 bytes, and no two equal after case folding
-                and Unicode normalisation.
-            chunks: Zarr chunk shape (positive ints), for all parameters or per name.
-                None: a Dask or Zarr input keeps its (regular) chunks, others get chunks
-                of about ``chunk_bytes``.
-            chunk_bytes: the target chunk size (> 0) when chunks are chosen automatically.
-            overwrite: replace an existing xpoptim store in ``directory``. Anything that
-                is not recognisably such a store (a folder of other files) is refused,
-                and nothing is deleted.
-            num_workers: threads used by this and later steps (local scheduler).
-            client: a ``dask.distributed`` client to write the initial values with.
-            progress: show a progress bar; None (default): where stderr is a terminal.
-
-        Returns:
-            The store, at step 0.
-
-        Raises:
-            StoreError: ``directory`` is not empty and not a store (or ``overwrite`` is
-                False), or another writer holds the store's lock.
-            ValueError, TypeError: a bad name, chunk shape, array or optimizer.
-        """
+        chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None,
+        chunk_bytes: int,
+        overwrite: bool,
+        num_workers: int | None,
+        client: Any,
+        progress: bool | None,
+        keep_steps: int,
+        note: str | None,
+        state: Mapping[str, Mapping[str, Any]] | None = None,
+        step: int = 0,
+    ) -> DirectoryStore:
+        assert where.path is not None
+        assert keep_steps == 1
         return cls._create(
-            directory,
+            where.path,
             optimizer,
             params,
             chunks=chunks,
@@ -301,8 +171,12 @@ class OutOfCore:
             num_workers=num_workers,
             client=client,
             progress=progress,
-            note=None,
+            note=note,
+            state=state,
+            step=step,
         )
+
+    # -- construction --------------------------------------------------------------------
 
     @classmethod
     def _create(
@@ -320,8 +194,8 @@ class OutOfCore:
         note: str | None,
         state: Mapping[str, Mapping[str, Any]] | None = None,
         step: int = 0,
-    ) -> OutOfCore:
-        """`create`, recording ``note`` in the store's description (the demo marks the
+    ) -> DirectoryStore:
+        """`OutOfCore.create`, recording ``note`` in the store's description (the demo marks the
         stores it made, so that it replaces only those); with ``state`` (field -> name
         -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
         _check_elementwise(optimizer)
@@ -398,7 +272,7 @@ class OutOfCore:
                 for field in fields:
                     values.append(initial[field][n])
                     destinations.append(targets[f"{field}/{n}"])
-            store._compute(
+            compute(
                 da.store(values, destinations, lock=False, compute=False),
                 client,
                 progress=_progress_default(progress),
@@ -411,46 +285,23 @@ class OutOfCore:
         return store
 
     @classmethod
-    def upgrade(
-        cls,
-        source: str | os.PathLike[str],
-        destination: str | os.PathLike[str],
-        *,
-        num_workers: int | None = None,
-        progress: bool | None = None,
-    ) -> OutOfCore:
-        """Copy a format-version-1 store (no chunk checksums) into a new store.
-
-        The committed step of ``source`` (parameters, state, step count, optimizer
-        config) is written to ``destination`` as a store of this version, checksummed;
-        ``source`` is only read, and can be deleted once the new store is checked.
-        Version 1 could not detect a corrupt chunk: the copy is only as good as the
-        data it read. Every chunk version 1 wrote must be present (all but the zero
-        state of step 0, which it left as Zarr's fill value).
-
-        Args:
-            source: a store written by an xpoptim of format version 1.
-            destination: a new or empty directory (not ``source``).
-            num_workers: threads for the copy and the new store's steps.
-            progress: show a progress bar; None: where stderr is a terminal.
-
-        Returns:
-            The new store, at the step ``source`` had committed.
-
-        Raises:
-            StoreError: ``source`` is not a complete version 1 store (a missing chunk
-                included), or ``destination`` is not new or empty.
-        """
+    def _read_for_upgrade(cls, source: str | os.PathLike[str], where: Location) -> Upgrade:
+        """The committed step of the directory store ``source`` (format 1 or 2), lazily,
+        for `OutOfCore.upgrade` to write at ``where``. Checks that ``where`` is new."""
         da, zarr = _lazy("dask.array"), _lazy("zarr")
         integrity = _lazy("xpoptim._outofcore.chunks")
 
-        source, destination = Path(source), Path(destination)
-        if destination.resolve() == source.resolve():
-            raise ValueError("upgrade writes a new store: destination must not be source")
-        if destination.is_dir() and any(e.name != LOCK for e in destination.iterdir()):
-            raise StoreError(f"{destination} is not empty: upgrade writes a new store")
-        meta = layout.read_meta(source, _OPTIMIZERS, version=1)
-        pointer = layout.read_pointer(source, version=1)
+        source = Path(source)
+        destination = where.path
+        if destination is not None:
+            if destination.resolve() == source.resolve():
+                raise ValueError("upgrade writes a new store: destination must not be source")
+            if destination.is_dir() and any(e.name != LOCK for e in destination.iterdir()):
+                raise StoreError(f"{destination} is not empty: upgrade writes a new store")
+        found = layout.read_meta(source, _OPTIMIZERS, any_version=True).get("format_version")
+        fmt = 1 if found == 1 else FORMAT_VERSION
+        meta = layout.read_meta(source, _OPTIMIZERS, version=fmt)
+        pointer = layout.read_pointer(source, version=fmt)
         kind, fields, arrays = meta["optimizer"], meta["fields"], meta["arrays"]
         try:
             optimizer = _OPTIMIZERS[kind].from_config(dict(pointer["optimizer"]))
@@ -462,10 +313,15 @@ class OutOfCore:
             raise StoreError(f"{source} holds the state {fields}, but {kind} keeps others")
         step, version = pointer["step"], pointer["version"]
         keys = {f"params/{n}": m for n, m in arrays.items()}
-        if step > 0:
+        if step > 0 or fmt > 1:  # version 1 left the zero state of step 0 off the disk
             keys.update({f"{f}/{n}": m for f in fields for n, m in arrays.items()})
         integrity.check_chunks_present(source / version, keys)
-        reader = zarr.storage.LocalStore(source, read_only=True)
+        # Version 2 chunks are read through their checksums; version 1 has none.
+        reader = (
+            integrity.CheckedStore(source, read_only=True)
+            if fmt > 1
+            else zarr.storage.LocalStore(source, read_only=True)
+        )
 
         def load(key: str) -> Any:
             where = f"{source}/{version}/{key}"
@@ -483,75 +339,38 @@ class OutOfCore:
 
         params = {n: load(f"params/{n}") for n in arrays}
         state = None
-        if step > 0:
+        if step > 0 or fmt > 1:
             state = {f: {n: load(f"{f}/{n}") for n in arrays} for f in fields}
-        return cls._create(
-            destination,
-            optimizer,
-            params,
-            chunks={n: tuple(m["chunks"]) for n, m in arrays.items()},
-            chunk_bytes=DEFAULT_CHUNK_BYTES,
-            overwrite=False,
-            num_workers=num_workers,
-            client=None,
-            progress=progress,
-            note=None,
-            state=state,
-            step=step,
-        )
+        chunks = {n: tuple(m["chunks"]) for n, m in arrays.items()}
+        return Upgrade(optimizer, params, state, step, chunks)
 
     @classmethod
-    def open(
+    def _open_at(
         cls,
-        directory: str | os.PathLike[str],
-        optimizer: Optimizer | None = None,
+        where: Location,
+        optimizer: Optimizer | None,
         *,
-        reconfigure: bool = False,
-        num_workers: int | None = None,
-    ) -> OutOfCore:
-        """Open an existing store. Nothing on disk changes; no lock is taken.
-
-        Args:
-            directory: a directory made by `create`.
-            optimizer: the optimizer to step with; None rebuilds the committed one from its
-                stored configuration. It must be of the stored type, and configured as
-                committed unless ``reconfigure`` (e.g. a learning-rate schedule).
-            reconfigure: accept an ``optimizer`` whose hyperparameters differ from the
-                committed ones; the next step commits the new configuration (so it must
-                be one JSON can store).
-            num_workers: threads of the local scheduler for the steps.
-
-        Raises:
-            StoreError: not an xpoptim store, another format version, another optimizer,
-                no committed step, a malformed pointer or description, or a missing or
-                altered array or chunk.
-            TypeError: ``reconfigure`` with a config that cannot be stored.
-        """
-        directory = Path(directory)
+        reconfigure: bool,
+        num_workers: int | None,
+        step: int | None,
+        tag: str | None,
+    ) -> DirectoryStore:
+        """`OutOfCore.open` for a directory store. Nothing on disk changes; no lock."""
+        assert where.path is not None
+        directory = where.path
+        if step is not None or tag is not None:
+            raise StoreError(
+                f"{directory} is a directory store, which keeps only its committed step: "
+                "opening an earlier step or a tag needs an Icechunk store "
+                "(engine='icechunk'; OutOfCore.upgrade copies this one into one)"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"no out-of-core store at {directory}: not a directory")
         meta = layout.read_meta(directory, _OPTIMIZERS)
         pointer = layout.read_pointer(directory)
-        kind = meta["optimizer"]
-        if optimizer is None:
-            try:
-                optimizer = _OPTIMIZERS[kind].from_config(dict(pointer["optimizer"]))
-            except (TypeError, ValueError, KeyError) as exc:
-                raise StoreError(
-                    f"{directory / POINTER} holds an optimizer config that {kind} refuses: {exc}"
-                ) from exc
-        elif type(optimizer).__name__ != kind:
-            raise StoreError(
-                f"{directory} was written by the optimizer {kind}, not {type(optimizer).__name__}"
-            )
-        elif not reconfigure and optimizer.get_config() != pointer["optimizer"]:
-            raise StoreError(
-                f"{directory} was committed with {pointer['optimizer']}, but the optimizer "
-                f"given is configured {optimizer.get_config()}; pass reconfigure=True to "
-                "continue with the new hyperparameters"
-            )
-        else:
-            layout.check_storable_config(optimizer.get_config())
+        optimizer = resolve_optimizer(
+            directory, meta["optimizer"], pointer["optimizer"], optimizer, reconfigure
+        )
         store = cls(directory, optimizer, num_workers)
         store._open_version(pointer["version"])  # every array and chunk present, as described
         return store
@@ -567,16 +386,6 @@ class OutOfCore:
     def version(self) -> str:
         """The committed version's group name (``"v{k}"``)."""
         return str(layout.read_pointer(self.directory)["version"])
-
-    @property
-    def names(self) -> list[str]:
-        """The parameter names."""
-        return list(self._arrays)
-
-    @property
-    def layout(self) -> dict[str, dict[str, Any]]:
-        """name -> ``{"shape", "dtype", "chunks"}`` of each parameter (and its state)."""
-        return {name: dict(meta) for name, meta in self._arrays.items()}
 
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
@@ -697,7 +506,7 @@ class OutOfCore:
         self.optimizer._validate_hyperparameters()
         layout.check_storable_config(self.optimizer.get_config())
         old = self._open_version(pointer["version"], mode="r")
-        gradients = self._check_grads(grads, rechunk)
+        gradients = check_grads(self._arrays, grads, rechunk)
         # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
         # read: the same rule as in memory, in place on buffers the task owns. (Running
         # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
@@ -735,7 +544,7 @@ class OutOfCore:
         stored = da.store(sources, destinations, lock=False, compute=False)
         workers = num_workers or self.num_workers
         try:
-            self._compute(stored, client, progress=_progress_default(progress), num_workers=workers)
+            compute(stored, client, progress=_progress_default(progress), num_workers=workers)
         except BaseException:
             # A corrupt chunk, a NaN with nonfinite="raise", an interrupt: nothing is
             # committed, and the partial v{k+1} goes now rather than at the next step.
@@ -764,46 +573,6 @@ class OutOfCore:
         )
 
     # -- internals -------------------------------------------------------------------------
-
-    def _check_grads(self, grads: Mapping[str, Any], rechunk: bool) -> dict[str, Any]:
-        """Gradients as Dask arrays with the parameters' chunks; raises on any mismatch."""
-        da = _lazy("dask.array")
-
-        if not isinstance(grads, Mapping):
-            raise TypeError(f"grads must be a mapping from names to arrays, got {type(grads)!r}")
-        missing = sorted(set(self._arrays) - set(grads))
-        extra = sorted(set(grads) - set(self._arrays))
-        if missing or extra:
-            raise ValueError(
-                f"grads do not match the parameter names: missing {missing}, unexpected {extra}"
-            )
-        out = {}
-        for name, meta in self._arrays.items():
-            g = grads[name]
-            label = f"grads[{name!r}]"
-            shape, dtype = tuple(meta["shape"]), meta["dtype"]
-            if not hasattr(g, "shape") or not hasattr(g, "dtype"):
-                raise TypeError(f"{label} is not an array: {type(g).__name__}")
-            if tuple(g.shape) != shape:
-                raise ValueError(f"{label} has shape {tuple(g.shape)}, the parameter {shape}")
-            if str(g.dtype) != dtype:
-                raise TypeError(f"{label} has dtype {g.dtype}, the parameter {dtype}")
-            want = da.core.normalize_chunks(tuple(meta["chunks"]), shape)
-            if isinstance(g, da.Array):
-                dg = g
-            elif type(g).__module__.startswith("zarr"):
-                dg = da.from_zarr(g)
-            else:
-                dg = da.from_array(g, chunks=want)
-            if dg.chunks != want:
-                if not rechunk:
-                    raise ValueError(
-                        f"{label} has chunks {_describe_chunks(dg.chunks)}, the parameter "
-                        f"{tuple(meta['chunks'])}; rechunk it or pass rechunk=True"
-                    )
-                dg = dg.rechunk(want)
-            out[name] = dg
-        return out
 
     def _field_keys(self, name: str) -> list[str]:
         return [f"{f}/{name}" for f in self._fields]
@@ -897,88 +666,3 @@ class OutOfCore:
                 # ``*.partial`` and renames it) when the process was killed.
                 entry.unlink(missing_ok=True)
         # The root group's metadata lists no members in Zarr v3, so nothing else to fix.
-
-    def _compute(
-        self, stored: Any, client: Any, *, progress: bool, num_workers: int | None = None
-    ) -> None:
-        dask = _lazy("dask")
-
-        if client is not None:
-            futures = client.compute(stored)
-            if progress:
-                _lazy("distributed").progress(futures)
-            client.gather(futures)
-            return
-        bar: Any = contextlib.nullcontext()
-        if progress:
-            bar = _lazy("dask.diagnostics").ProgressBar(out=sys.stderr)
-        with bar:
-            dask.compute(stored, scheduler="threads", num_workers=num_workers)
-
-
-def _check_elementwise(optimizer: Any) -> None:
-    """Refuse an optimizer whose update is not elementwise (``elementwise = False``: LAMB,
-    LARS, Adafactor, Muon): it needs a whole parameter, but every chunk is stepped alone."""
-    if isinstance(optimizer, Optimizer) and not optimizer.elementwise:
-        raise TypeError(
-            f"OutOfCore cannot step {type(optimizer).__name__}: its update is not elementwise "
-            "(it takes norms, means or matrix products over a whole parameter), and OutOfCore "
-            "steps each chunk on its own. Keep these parameters in memory, or step Dask "
-            "arrays with optimizer.update (lazily, whole parameters)"
-        )
-
-
-def _check_policy(optimizer: Optimizer) -> None:
-    """Refuse ``nonfinite="skip"``: chunks are stepped one by one, so one chunk's NaN
-    could not skip the others' update ("raise" fails the step, which is never committed)."""
-    if optimizer.nonfinite == "skip":
-        raise ValueError(
-            "OutOfCore steps every chunk on its own, so nonfinite='skip' cannot skip a whole "
-            "step; use 'raise' (the step fails and the committed version stays) or "
-            "'propagate'"
-        )
-
-
-def _update_chunk(
-    p: Any, g: Any, *buffers: Any, optimizer: Optimizer, param: str, step: int
-) -> tuple[Any, ...]:
-    """Step ``step`` of ``optimizer`` on one chunk of parameter ``param`` and its state.
-
-    The optimizer's public ``update`` on NumPy chunks (elementwise rules: a chunk can be
-    stepped alone). It may update ``p`` and ``buffers`` in place: they are chunks this
-    step's task read from the store for itself. ``g`` is never written.
-    """
-    fields = optimizer._buffer_fields()
-    state = optimizer.State(
-        step - 1, **{f: {param: b} for f, b in zip(fields, buffers, strict=True)}
-    )
-    # Dask runs several of these tasks at once: one thread each, never a pool per task.
-    with execution_options(num_threads=1):
-        new_params, new_state = optimizer.update({param: p}, {param: g}, state)
-    return (new_params[param], *(getattr(new_state, f)[param] for f in fields))
-
-
-def _describe_chunks(chunks: tuple[tuple[int, ...], ...]) -> str:
-    regular = _regular_chunks(chunks)
-    return str(regular) if regular is not None else f"irregular {chunks}"
-
-
-def _as_dask(value: Any, name: str, chunks: Any, chunk_bytes: int) -> Any:
-    """``value`` as a Dask array with regular chunks (Zarr's requirement)."""
-    da = _lazy("dask.array")
-
-    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-        raise TypeError(f"params[{name!r}] is not an array: {type(value).__name__}")
-    wanted = chunks.get(name) if isinstance(chunks, Mapping) else chunks
-    if wanted is not None:
-        wanted = layout.check_chunks(wanted, name, len(value.shape))
-    if isinstance(value, da.Array):
-        x = value
-    elif type(value).__module__.startswith("zarr"):
-        x = da.from_zarr(value)
-    else:
-        auto = da.core.normalize_chunks("auto", value.shape, limit=chunk_bytes, dtype=value.dtype)
-        x = da.from_array(value, chunks=wanted or auto)
-    if wanted is None and _regular_chunks(x.chunks) is None:
-        wanted = tuple(max(dim) if dim else 1 for dim in x.chunks)
-    return x if wanted is None else x.rechunk(wanted)

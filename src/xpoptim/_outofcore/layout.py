@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import is_temporary
+from .errors import StoreError as StoreError
 
 #: Identifies an xpoptim out-of-core store (root group attribute ``xpoptim.format``).
 FORMAT = "xpoptim.outofcore"
@@ -35,10 +36,6 @@ ROOT_META = "zarr.json"
 MAX_NAME_BYTES = 255
 
 VERSION_NAME = re.compile(r"v[0-9]+")
-
-
-class StoreError(ValueError):
-    """The directory is not a complete xpoptim out-of-core store this version can use."""
 
 
 # -- names ------------------------------------------------------------------------------

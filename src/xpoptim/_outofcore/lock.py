@@ -21,7 +21,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .layout import LOCK, StoreError
+from .errors import ConcurrentWriterError
+from .layout import LOCK
 
 try:  # POSIX
     import fcntl
@@ -44,7 +45,7 @@ def writer_lock(directory: Path) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(
+                raise ConcurrentWriterError(
                     f"{directory} is being written by another writer ({_holder(fd)}): an "
                     "out-of-core store takes one writer at a time, so nothing was changed; "
                     "wait for it to finish or stop it (a killed writer releases the lock)"
