@@ -60,10 +60,10 @@ from .chunk_step import (
     _phase,
     _progress_default,
     _regular_chunks,
-    _update_chunk,
     check_grads,
     compute,
     resolve_optimizer,
+    step_graph,
 )
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from .location import Location
@@ -507,28 +507,9 @@ class DirectoryStore(OutOfCore):
         layout.check_storable_config(self.optimizer.get_config())
         old = self._open_version(pointer["version"], mode="r")
         gradients = check_grads(self._arrays, grads, rechunk)
-        # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
-        # read: the same rule as in memory, in place on buffers the task owns. (Running
-        # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
-        # temporary per operation: 1.2-1.8x slower in our measurements.)
-        # A copy for the tasks, sharing the learning-rate schedule object itself: a
-        # ReduceOnPlateau the user observes keeps its reductions.
-        config = self.optimizer.get_config()
-        config["learning_rate"] = self.optimizer.learning_rate
-        optimizer = type(self.optimizer).from_config(config)
-        outputs = {}
-        for n in self._arrays:
-            inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
-            inputs += [da.from_zarr(old[f"{f}/{n}"]) for f in self._fields]
-            outputs[n] = da.apply_gufunc(
-                _update_chunk,
-                ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
-                *inputs,
-                output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
-                optimizer=optimizer,
-                param=n,
-                step=committed + 1,
-            )
+        outputs = step_graph(
+            self.optimizer, self._arrays, self._fields, old, gradients, committed + 1
+        )
 
         # Nothing has changed on disk so far. From here on, only v{k+1} is written
         # until the pointer flips.
