@@ -35,6 +35,7 @@ independent of the number or size of the parameters.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -68,7 +69,7 @@ from .chunk_step import (
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from .location import Location
 from .lock import writer_lock
-from .store import OutOfCore
+from .store import Commit, OutOfCore
 
 #: How often `OutOfCore.read` starts again when a commit replaced the version it read.
 READ_ATTEMPTS = 5
@@ -386,6 +387,14 @@ class DirectoryStore(OutOfCore):
     def version(self) -> str:
         """The committed version's group name (``"v{k}"``)."""
         return str(layout.read_pointer(self.directory)["version"])
+
+    def history(self) -> list[Commit]:
+        """The committed step alone: a directory store keeps no history (Icechunk does)."""
+        pointer = layout.read_pointer(self.directory)
+        when = datetime.datetime.fromtimestamp(
+            (self.directory / POINTER).stat().st_mtime, tz=datetime.UTC
+        )
+        return [Commit(int(pointer["step"]), str(pointer["version"]), when)]
 
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
