@@ -41,18 +41,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .. import _validation as check
 from .._optimizers import Optimizer
 from .chunk_step import (
-    _OPTIMIZERS,
     StepSummary,
-    _as_dask,
     _check_elementwise,
     _check_policy,
     _lazy,
     _phase,
     _progress_default,
-    _regular_chunks,
+    check_create,
     check_grads,
     resolve_optimizer,
     step_graph,
@@ -60,8 +57,6 @@ from .chunk_step import (
 from .errors import ConcurrentWriterError, StoreError
 from .layout import (
     FORMAT,
-    check_chunk_bytes,
-    check_names,
     check_storable_config,
     nbytes,
 )
@@ -140,24 +135,8 @@ class IcechunkStore(OutOfCore):
         state: Mapping[str, Mapping[str, Any]] | None = None,
         step: int = 0,
     ) -> IcechunkStore:
-        _check_elementwise(optimizer)
-        if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
-            raise TypeError(
-                f"optimizer must be one of xpoptim's elementwise optimizers "
-                f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
-            )
-        _check_policy(optimizer)
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError("params must be a non-empty mapping from names to arrays")
-        check_names(params)
-        check_chunk_bytes(chunk_bytes)
-        check_storable_config(optimizer.get_config())
+        sources, arrays = check_create(optimizer, params, chunks, chunk_bytes)
         zarr = _lazy("zarr")
-        _lazy("dask.array")
-        sources = {
-            name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()
-        }
-        check.params(sources)
         fields = list(optimizer._buffer_fields())
         meta: dict[str, Any] = {
             "format": FORMAT,
@@ -165,14 +144,7 @@ class IcechunkStore(OutOfCore):
             "engine": "icechunk",
             "optimizer": type(optimizer).__name__,
             "fields": fields,
-            "arrays": {
-                name: {
-                    "shape": list(x.shape),
-                    "dtype": str(x.dtype),
-                    "chunks": list(_regular_chunks(x.chunks) or ()),
-                }
-                for name, x in sources.items()
-            },
+            "arrays": arrays,
             "keep_steps": keep_steps,
         }
         if note is not None:
