@@ -300,3 +300,49 @@ def resolve_optimizer(
         )
     layout.check_storable_config(optimizer.get_config())
     return optimizer
+
+
+def step_graph(
+    optimizer: Optimizer,
+    arrays: Mapping[str, Any],
+    fields: list[str],
+    committed: Mapping[str, Any],
+    gradients: Mapping[str, Any],
+    step: int,
+) -> dict[str, Any]:
+    """The lazy outputs of step ``step``: name -> (new param, *new state buffers), Dask.
+
+    One Dask task per chunk runs the optimizer's own update on the NumPy chunks it read
+    (`_update_chunk`): the same rule as in memory, in place on buffers the task owns.
+    (Running update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
+    temporary per operation: 1.2-1.8x slower in our measurements.)
+
+    Args:
+        optimizer: the store's optimizer.
+        arrays: the store's description of each parameter.
+        fields: the state buffer names.
+        committed: ``"params/{name}"`` and ``"{field}/{name}"`` -> the committed Zarr array.
+        gradients: name -> Dask gradient with the parameter's chunks (`check_grads`).
+        step: the step being computed (committed + 1).
+    """
+    da = _lazy("dask.array")
+
+    # A copy for the tasks, sharing the learning-rate schedule object itself: a
+    # ReduceOnPlateau the user observes keeps its reductions.
+    config = optimizer.get_config()
+    config["learning_rate"] = optimizer.learning_rate
+    task_optimizer = type(optimizer).from_config(config)
+    outputs = {}
+    for n in arrays:
+        inputs = [da.from_zarr(committed[f"params/{n}"]), gradients[n]]
+        inputs += [da.from_zarr(committed[f"{f}/{n}"]) for f in fields]
+        outputs[n] = da.apply_gufunc(
+            _update_chunk,
+            ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
+            *inputs,
+            output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
+            optimizer=task_optimizer,
+            param=n,
+            step=step,
+        )
+    return outputs

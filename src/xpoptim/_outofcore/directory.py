@@ -35,6 +35,7 @@ independent of the number or size of the parameters.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -60,15 +61,15 @@ from .chunk_step import (
     _phase,
     _progress_default,
     _regular_chunks,
-    _update_chunk,
     check_grads,
     compute,
     resolve_optimizer,
+    step_graph,
 )
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from .location import Location
 from .lock import writer_lock
-from .store import OutOfCore
+from .store import Commit, OutOfCore
 
 #: How often `OutOfCore.read` starts again when a commit replaced the version it read.
 READ_ATTEMPTS = 5
@@ -387,6 +388,14 @@ class DirectoryStore(OutOfCore):
         """The committed version's group name (``"v{k}"``)."""
         return str(layout.read_pointer(self.directory)["version"])
 
+    def history(self) -> list[Commit]:
+        """The committed step alone: a directory store keeps no history (Icechunk does)."""
+        pointer = layout.read_pointer(self.directory)
+        when = datetime.datetime.fromtimestamp(
+            (self.directory / POINTER).stat().st_mtime, tz=datetime.UTC
+        )
+        return [Commit(int(pointer["step"]), str(pointer["version"]), when)]
+
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
 
@@ -507,28 +516,9 @@ class DirectoryStore(OutOfCore):
         layout.check_storable_config(self.optimizer.get_config())
         old = self._open_version(pointer["version"], mode="r")
         gradients = check_grads(self._arrays, grads, rechunk)
-        # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
-        # read: the same rule as in memory, in place on buffers the task owns. (Running
-        # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
-        # temporary per operation: 1.2-1.8x slower in our measurements.)
-        # A copy for the tasks, sharing the learning-rate schedule object itself: a
-        # ReduceOnPlateau the user observes keeps its reductions.
-        config = self.optimizer.get_config()
-        config["learning_rate"] = self.optimizer.learning_rate
-        optimizer = type(self.optimizer).from_config(config)
-        outputs = {}
-        for n in self._arrays:
-            inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
-            inputs += [da.from_zarr(old[f"{f}/{n}"]) for f in self._fields]
-            outputs[n] = da.apply_gufunc(
-                _update_chunk,
-                ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
-                *inputs,
-                output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
-                optimizer=optimizer,
-                param=n,
-                step=committed + 1,
-            )
+        outputs = step_graph(
+            self.optimizer, self._arrays, self._fields, old, gradients, committed + 1
+        )
 
         # Nothing has changed on disk so far. From here on, only v{k+1} is written
         # until the pointer flips.
