@@ -64,16 +64,21 @@ class S3Server:
             "force_path_style": True,
         }
 
-    def client(self) -> Any:
-        """A boto3 S3 client for this server (to inspect or prepare buckets)."""
+    def client(
+        self,
+        service: str = "s3",
+        access_key_id: str = ACCESS_KEY_ID,
+        secret_access_key: str = SECRET_ACCESS_KEY,
+    ) -> Any:
+        """A boto3 client of this server (``"s3"`` to inspect or prepare buckets, ``"iam"``)."""
         import boto3
 
         return boto3.client(
-            "s3",
+            service,
             endpoint_url=self.endpoint_url,
             region_name=REGION,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
         )
 
     def new_bucket(self) -> str:
@@ -82,9 +87,9 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
+    def objects(self, bucket: str, prefix: str = "", **credentials: str) -> dict[str, int]:
         """Key -> size in bytes of every object in ``bucket`` under ``prefix``."""
-        paginator = self.client().get_paginator("list_objects_v2")
+        paginator = self.client("s3", **credentials).get_paginator("list_objects_v2")
         out: dict[str, int] = {}
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
