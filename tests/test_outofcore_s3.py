@@ -50,6 +50,10 @@ def bucket_of(url: str) -> str:
 
 
 def test_a_server_that_cannot_start_skips_with_its_stderr():
+    pytest.importorskip("moto", reason="moto[server] is not installed (the test dependency group)")
+    pytest.importorskip("boto3", reason="boto3 is not installed (the test dependency group)")
+    pytest.importorskip("flask", reason="moto's server mode needs moto[server] (flask)")
+
     def broken(port: int) -> list[str]:
         return [sys.executable, "-c", "import sys; sys.stderr.write('no S3 today'); sys.exit(3)"]
 
