@@ -129,13 +129,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=5)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    """Linux: the server gets SIGKILL when the test process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a ``preexec_fn`` that has the server get SIGKILL when the test process dies,
+    even by SIGKILL. Resolved here, in the parent: the child (forked from a process that
+    may run threads) only calls into libc, it imports nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = ctypes.c_int(1), ctypes.c_ulong(int(signal.SIGKILL))
+
+    def preexec() -> None:  # pragma: no cover - runs in the child, before exec
+        prctl(pr_set_pdeathsig, sigkill)
+
+    return preexec
 
 
 def server_argv(port: int) -> list[str]:
@@ -157,6 +168,7 @@ def running_server(argv: Callable[[int], list[str]] = server_argv) -> Iterator[S
     pytest.importorskip("moto", reason="moto[server] is not installed (the test dependency group)")
     pytest.importorskip("boto3", reason="boto3 is not installed (the test dependency group)")
     pytest.importorskip("flask", reason="moto's server mode needs moto[server] (flask)")
+    preexec = _die_with_parent()
     with tempfile.TemporaryFile() as stderr:
         process = None
         for _attempt in range(3):  # another process may take the port between bind and listen
@@ -170,7 +182,7 @@ def running_server(argv: Callable[[int], list[str]] = server_argv) -> Iterator[S
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: killed whole on teardown
-                preexec_fn=_die_with_parent,
+                preexec_fn=preexec,
             )
             try:
                 deadline = time.monotonic() + START_TIMEOUT_S
