@@ -1,0 +1,492 @@
+"""The Icechunk engine under SIGKILL, and two real writer processes (issue 12).
+
+Every writer here is a fresh Python interpreter (``subprocess``, never a fork of the
+test process) stepping a real Icechunk store, on local disk (``engine="icechunk"``) or
+on the moto S3 server of ``s3server.py``, with the deterministic gradients of
+`xpoptim._outofcore.demo.synthetic_arrays`. The reference is independent of the store:
+the in-memory optimizer's ``update`` on NumPy copies, step after step.
+
+* Kill trials: the test kills the writer with SIGKILL at each phase of a step (the writer
+  kills itself from ``chunk_step._phase_hook``) and at seeded random moments, uniform
+  over a step's duration as measured by the phase trials. After every kill the store
+  opens and holds a whole committed step, bit for bit; after all of them, resuming gives
+  the uninterrupted run's bits and the chunks of the killed steps have been collected.
+* Two writers: on local disk the second is refused at once by the writer lock; on S3
+  two writers that prepared the same step race to commit, exactly one wins, and the
+  loser reopens and continues from the winner's step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array", reason="the out-of-core optimizer needs dask (.[dask])")
+pytest.importorskip("icechunk", reason="the Icechunk engine needs icechunk (.[icechunk])")
+
+import xpoptim  # noqa: E402
+from test_outofcore import (  # noqa: E402
+    KILL_SEED,
+    _kill_layout_params,
+    assert_store_equals,
+    fields,
+    snapshot,
+)
+from test_outofcore_processes import wait_for  # noqa: E402
+from xpoptim._outofcore.demo import synthetic_arrays  # noqa: E402
+
+#: Each step keeps this many committed steps readable; older ones are collected.
+KEEP_STEPS = 2
+#: Phases of an Icechunk step (``transactional.py`` calls the hook with these).
+PHASES = ("locked", "opened", "stored", "committed", "collected")
+#: Phase trials per phase, then random-time trials: per storage (local, S3).
+PHASE_ROUNDS = 2
+RANDOM_TRIALS = 30
+TRIAL_SEED = 20261202
+
+#: A writer process. argv[1]: JSON {location, options, seed, layout, signals}. It imports
+#: everything, compiles the chunk kernels and says "ready" and its number of threads; then
+#: it reads commands "VERB UNTIL KILL_AT HOLD_AT" on stdin. "go": open the store and step
+#: it to UNTIL with the gradients of its seed, then exit. "fork": do that in a forked child
+#: (forked while this process is still single-threaded: no thread, no Icechunk runtime,
+#: no event loop yet), say "exit CODE" when it ends, and wait for the next command. A
+#: stepping process says "pid PID" first, "locked" when its first step takes the store,
+#: kills itself with SIGKILL at phase KILL_AT (after saying the phase and the seconds since
+#: "locked"), and at phase HOLD_AT of its first step writes SIGNALS/PID.held and waits for
+#: SIGNALS/go. A step refused with ConcurrentWriterError is reported ("conflict" and the
+#: message as JSON); the writer then reopens the store and commits one step of its own on
+#: top of the winner's.
+WRITER = r"""
+import json, os, signal, sys, time, traceback
+from pathlib import Path
+import numpy as np
+import dask.array, icechunk, icechunk.dask, zarr
+import xpoptim, xpoptim._outofcore.chunk_step as cs, xpoptim._outofcore.transactional
+from xpoptim._outofcore.demo import synthetic_arrays
+job = json.loads(sys.argv[1])
+def say(*words):
+    os.write(1, (" ".join(map(str, words)) + "\n").encode())
+optimizer = xpoptim.Adam(learning_rate=0.01)
+for name, m in job["layout"].items():  # compile the step's kernels before the clock starts
+    chunk = np.zeros(m["chunks"], m["dtype"])
+    cs._update_chunk(chunk, chunk, chunk, chunk.copy(), optimizer=optimizer, param=name, step=1)
+def run(until, kill_at, hold_at):
+    say("pid", os.getpid())
+    start, held = None, False
+    def hook(phase):
+        nonlocal start, held
+        if start is None and phase == "locked":
+            start = time.monotonic()
+            say("locked")
+        if phase == kill_at:
+            say(phase, time.monotonic() - start)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if phase == hold_at and not held:
+            held = True
+            signals = Path(job["signals"])
+            (signals / f"{os.getpid()}.held").write_text(phase)
+            while not (signals / "go").exists():
+                time.sleep(0.005)
+    cs._phase_hook = hook
+    def open_store():
+        where, options = job["location"], job["options"]
+        return xpoptim.OutOfCore.open(where, storage_options=options, num_workers=2)
+    def grads(t):
+        return synthetic_arrays(job["layout"], job["seed"], t)
+    store = open_store()
+    try:
+        for t in range(store.step_count + 1, until + 1):
+            store.step(grads(t), step=t)
+    except xpoptim.ConcurrentWriterError as exc:
+        say("conflict", json.dumps(str(exc)))
+        store = open_store()
+        store.step(grads(store.step_count + 1), step=store.step_count + 1)
+    say("done", store.step_count)
+say("ready", len(os.listdir("/proc/self/task")))
+while line := sys.stdin.readline():
+    verb, until, kill_at, hold_at = line.split()
+    if verb == "go":
+        run(int(until), kill_at, hold_at)
+        break
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            run(int(until), kill_at, hold_at)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    say("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+class Writer:
+    """A writer process (see `WRITER`), its stdout read line by line."""
+
+    def __init__(self, job: dict[str, Any], stderr: Path) -> None:
+        self.stderr = stderr
+        with stderr.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", WRITER, json.dumps(job)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                bufsize=0,
+                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},  # no BLAS thread pool
+            )
+        self._buffer = b""
+        self.threads: int | None = None
+
+    def line(self, timeout: float = 60) -> str:
+        """The next line it says ('' when it exited without one)."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise AssertionError(f"the writer said nothing for {timeout} s: {self.errors()}")
+            if select.select([self.process.stdout], [], [], left)[0]:
+                data = os.read(self.process.stdout.fileno(), 4096)
+                if not data:
+                    return ""
+                self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def command(self, verb: str, until: int, kill_at: str = "-", hold_at: str = "-") -> int:
+        """Send a command (the first waits for "ready"); the pid of the stepping process."""
+        if self.threads is None:
+            said = self.line().split()
+            assert said[0] == "ready", (said, self.errors())
+            self.threads = int(said[1])
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{verb} {until} {kill_at} {hold_at}\n".encode())
+        self.process.stdin.flush()
+        said = self.line().split()
+        assert said[0] == "pid", (said, self.errors())
+        return int(said[1])
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def close(self) -> None:
+        """Kill it (if still running), reap it and close its pipes."""
+        self.kill()
+        self.process.wait(30)
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def rest(self) -> list[str]:
+        """Every line it says until it exits."""
+        lines = []
+        while line := self.line():
+            lines.append(line)
+        self.process.wait(60)
+        return lines
+
+    def errors(self) -> str:
+        return self.stderr.read_text(errors="replace")[-3000:]
+
+
+class Reference:
+    """The in-memory optimizer on NumPy copies: ``ref[k]`` = (params, buffers) after k
+    steps with the gradients ``grads(t)``."""
+
+    def __init__(self, params: dict[str, np.ndarray], grads: Callable[[int], dict]) -> None:
+        self.optimizer = xpoptim.Adam(learning_rate=0.01)
+        self.grads = grads
+        self.params = {k: v.copy() for k, v in params.items()}
+        self.state = self.optimizer.init(self.params)
+        self.history = [self._copy()]
+
+    def _copy(self) -> tuple[dict, dict]:
+        buffers = {
+            f: {k: v.copy() for k, v in getattr(self.state, f).items()} for f in fields(self.state)
+        }
+        return {k: v.copy() for k, v in self.params.items()}, buffers
+
+    def __getitem__(self, k: int) -> tuple[dict, dict]:
+        while len(self.history) <= k:
+            g = self.grads(len(self.history))
+            self.params, self.state = self.optimizer.update(self.params, g, self.state)
+            self.history.append(self._copy())
+        return self.history[k]
+
+
+def gradients(layout: dict[str, Any], seed: int) -> Callable[[int], dict]:
+    return lambda t: {k: v.compute() for k, v in synthetic_arrays(layout, seed, t).items()}
+
+
+class Place:
+    """Where a store lives: a local Icechunk repository or a prefix of an S3 bucket."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        if kind == "local":
+            self.location, self.options = str(tmp_path / "store"), None
+            self.engine: str | None = "icechunk"
+        else:
+            self.server = request.getfixturevalue("s3_server")
+            self.bucket = self.server.new_bucket()
+            self.location = f"s3://{self.bucket}/run"
+            self.options, self.engine = self.server.storage_options, None
+
+    def create(self, params: dict, layout: dict) -> xpoptim.OutOfCore:
+        chunks = {k: tuple(m["chunks"]) for k, m in layout.items()}
+        return xpoptim.OutOfCore.create(
+            self.location,
+            xpoptim.Adam(learning_rate=0.01),
+            params,
+            chunks=chunks,
+            engine=self.engine,
+            storage_options=self.options,
+            keep_steps=KEEP_STEPS,
+        )
+
+    def open(self) -> xpoptim.OutOfCore:
+        return xpoptim.OutOfCore.open(self.location, storage_options=self.options)
+
+    def job(self, seed: int, layout: dict, signals: Path) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "options": self.options,
+            "seed": seed,
+            "layout": layout,
+            "signals": str(signals),
+        }
+
+    def objects(self) -> dict[str, int]:
+        """Every object of the store (key relative to the store -> bytes)."""
+        if self.kind == "local":
+            root = Path(self.location)
+            return {
+                str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()
+            }
+        return {
+            k.removeprefix("run/"): size
+            for k, size in self.server.objects(self.bucket, "run/").items()
+        }
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    return Place(request.param, tmp_path, request)
+
+
+def check_whole(place: Place, reference: Reference) -> tuple[int, str | None]:
+    """Open the store; (its committed step, why it is not the reference's step, or None)."""
+    try:
+        store = place.open()
+        params, state = store.read()  # one snapshot: its step count and its arrays
+        k = state.step
+        assert k == store.step_count
+        want_params, want_buffers = reference[k]
+        for name, want in want_params.items():
+            assert np.array_equal(params[name], want), f"step {k}: params[{name}]"
+            assert params[name].dtype == want.dtype, f"step {k}: params[{name}]"
+        for field, values in want_buffers.items():
+            for name, want in values.items():
+                got = getattr(state, field)[name]
+                assert np.array_equal(got, want), f"step {k}: {field}[{name}]"
+    except (AssertionError, xpoptim.StoreError) as exc:
+        return -1, f"{type(exc).__name__}: {exc}"
+    return k, None
+
+
+def version_bytes(layout: dict[str, Any]) -> tuple[int, int]:
+    """(bytes, chunks) of one step's chunk objects: params and both Adam buffers, each
+    chunk with its 4-byte CRC-32C."""
+    total = chunks = 0
+    for m in layout.values():
+        n = int(np.prod([-(-s // c) for s, c in zip(m["shape"], m["chunks"], strict=True)]))
+        chunks += 3 * n
+        total += 3 * (int(np.prod(m["shape"])) * np.dtype(m["dtype"]).itemsize + 4 * n)
+    return total, chunks
+
+
+# -- SIGKILL trials --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_never_tears_a_committed_step(place, tmp_path):
+    params, layout = _kill_layout_params()
+    reference = Reference(params, gradients(layout, KILL_SEED))
+    place.create(params, layout)
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    zygote = Writer(place.job(KILL_SEED, layout, signals), tmp_path / "writers.err")
+    rng = random.Random(TRIAL_SEED)
+    plan = [*PHASES * PHASE_ROUNDS, *[None] * RANDOM_TRIALS]
+    durations: list[float] = []
+    torn: list[str] = []
+    landed = {"before": 0, "after": 0, "missed": 0}
+    committed = 0
+    started = time.monotonic()
+    try:
+        for trial, phase in enumerate(plan):
+            pid = zygote.command("fork", committed + 2, kill_at=phase or "-")
+            assert zygote.threads == 1, "the writers would be forked from a threaded process"
+            assert zygote.line() == "locked", zygote.errors()
+            if phase is None:  # uniform over a step, as long as the slowest phase trial's
+                time.sleep(rng.uniform(0.0, max(durations)))
+                os.kill(pid, signal.SIGKILL)
+            else:
+                said = zygote.line().split()
+                assert said[0] == phase, (said, zygote.errors())
+                if phase == "collected":
+                    durations.append(float(said[1]))
+            said = zygote.line().split()
+            if said[0] == "done":  # both steps done before the kill
+                said = zygote.line().split()
+            assert said[0] == "exit", (said, zygote.errors())
+            code = int(said[1])
+            assert code in (0, -signal.SIGKILL), (code, zygote.errors())
+            k, problem = check_whole(place, reference)
+            if problem is not None:
+                torn.append(f"trial {trial} (kill at {phase or 'random'}): {problem}")
+                continue
+            landed["missed" if code == 0 else "after" if k > committed else "before"] += 1
+            if phase is not None:  # the commit is the boundary: never a step lost or half
+                assert k == committed + (phase in ("committed", "collected")), (phase, k)
+            assert k >= committed, f"trial {trial}: step {k} after step {committed}"
+            committed = k
+        trials_s = time.monotonic() - started
+        # Resume without interruption: a few more steps, so the killed steps' chunks expire.
+        final = committed + KEEP_STEPS + 2
+        zygote.command("go", final)
+        assert zygote.rest() == ["locked", f"done {final}"], zygote.errors()
+        assert zygote.process.returncode == 0, zygote.errors()
+    finally:
+        zygote.close()
+    assert torn == [], f"{len(torn)} torn steps in {len(plan)} kills:\n" + "\n".join(torn)
+    store = place.open()
+    assert store.step_count == final
+    assert_store_equals(store, *reference[final])  # the uninterrupted run's bits
+    print(
+        f"\n{place.kind}: {len(plan)} kills in {trials_s:.1f} s ({len(PHASES) * PHASE_ROUNDS} "
+        f"at phases, {RANDOM_TRIALS} at random within {max(durations):.3f} s): before the "
+        f"commit {landed['before']}, after {landed['after']}, missed {landed['missed']}, torn "
+        f"{len(torn)}; committed step {committed}, resumed to {final}"
+    )
+    assert landed["before"] + landed["after"] + landed["missed"] == len(plan)
+    assert landed["before"] >= len(PHASES[:3]) * PHASE_ROUNDS
+    assert landed["after"] >= 2 * PHASE_ROUNDS
+    # The orphaned chunks of killed steps were collected: storage holds about
+    # KEEP_STEPS + 1 versions of the arrays, plus metadata that does not grow with kills.
+    objects = place.objects()
+    one_version, chunks_per_version = version_bytes(layout)
+    chunk_objects = {k: s for k, s in objects.items() if k.startswith("chunks/")}
+    assert sum(chunk_objects.values()) <= (KEEP_STEPS + 1) * one_version, sorted(chunk_objects)
+    assert len(chunk_objects) <= (KEEP_STEPS + 1) * chunks_per_version
+    metadata = [k for k in objects if not k.startswith("chunks/")]
+    assert len(metadata) <= (KEEP_STEPS + 2) * (len(layout) * 3 + 3), sorted(metadata)
+    print(
+        f"{place.kind}: {len(chunk_objects)} chunk objects ({sum(chunk_objects.values())} B, "
+        f"one version {one_version} B), {len(metadata)} other objects "
+        f"({sum(objects.values()) - sum(chunk_objects.values())} B)"
+    )
+
+
+# -- two writers ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_local_writer_is_refused_at_once_and_nothing_is_lost(tmp_path, request):
+    place = Place("local", tmp_path, request)
+    params, layout = _kill_layout_params()
+    reference = Reference(params, gradients(layout, KILL_SEED))
+    store = place.create(params, layout)
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    writer = Writer(place.job(KILL_SEED, layout, signals), tmp_path / "writer.err")
+    try:
+        pid = str(writer.command("go", 1, hold_at="stored"))  # step 1 stored, not committed
+        wait_for(signals / f"{pid}.held", writer.process)
+        before = snapshot(Path(place.location))
+        started = time.monotonic()
+        with pytest.raises(xpoptim.ConcurrentWriterError) as refused:
+            store.step(reference.grads(1), step=1)
+        assert time.monotonic() - started < 2.0, "the second writer waited"
+        assert isinstance(refused.value, xpoptim.StoreError)
+        message = str(refused.value)
+        assert place.location in message
+        assert f"another writer (process {pid})" in message
+        assert "nothing was changed" in message
+        assert snapshot(Path(place.location)) == before
+        assert store.step_count == 0  # a reader meanwhile sees step 0, whole
+        assert_store_equals(store, *reference[0])
+    finally:
+        (signals / "go").write_text("")
+        try:
+            lines = writer.rest()
+        finally:
+            writer.close()
+    assert lines == ["locked", "done 1"], writer.errors()
+    assert_store_equals(store, *reference[1])  # the first writer's step, once
+    store.step(reference.grads(2), step=2)  # and the store takes the next writer
+    assert_store_equals(store, *reference[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hold_at", ["opened", "stored"])
+def test_two_s3_writers_race_and_exactly_one_commits(s3_server, tmp_path, request, hold_at):
+    place = Place("s3", tmp_path, request)
+    params, layout = _kill_layout_params()
+    seeds = (101, 202)
+    store = place.create(params, layout)
+    store.step(gradients(layout, KILL_SEED)(1), step=1)  # both start from step 1
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    writers = [
+        Writer(place.job(seed, layout, signals), tmp_path / f"writer{seed}.err") for seed in seeds
+    ]
+    try:
+        for writer in writers:
+            writer.command("go", 2, hold_at=hold_at)
+        for writer in writers:  # both prepared step 2 from step 1 before either commits
+            wait_for(signals / f"{writer.process.pid}.held", writer.process)
+        (signals / "go").write_text("")  # then both commit at once
+        said = [writer.rest() for writer in writers]
+    finally:
+        for writer in writers:
+            writer.close()
+    assert [w.process.returncode for w in writers] == [0, 0], [w.errors() for w in writers]
+    lost = [i for i, lines in enumerate(said) if lines[1].startswith("conflict")]
+    assert len(lost) == 1, f"not exactly one winner: {said}"
+    loser = lost[0]
+    winner = 1 - loser
+    assert said[winner] == ["locked", "done 2"], said
+    assert said[loser][0] == "locked"
+    assert said[loser][2] == "done 3", said  # the loser reopened and went on from step 2
+    message = json.loads(said[loser][1].removeprefix("conflict "))
+    assert place.location in message
+    assert "another writer committed" in message
+    assert "nothing of this step was committed" in message
+    # Step 2 is the winner's, bit for bit; step 3 the loser's, on top of it.
+    g_first = gradients(layout, KILL_SEED)
+    g_win, g_lose = gradients(layout, seeds[winner]), gradients(layout, seeds[loser])
+    reference = Reference(params, lambda t: (g_first, g_win, g_lose)[t - 1](t))
+    store = place.open()
+    assert store.step_count == 3
+    assert_store_equals(store, *reference[3])
+    assert [c.step for c in store.history()][:2] == [3, 2]
+    two = xpoptim.OutOfCore.open(place.location, storage_options=place.options, step=2)
+    assert_store_equals(two, *reference[2])
