@@ -510,6 +510,14 @@ class IcechunkStore(OutOfCore):
             with dask.config.set(**scheduler), bar:
                 merged = ic_dask.store_dask(sources=sources, targets=targets)
         except Exception as exc:
+            if base is not None and _icechunk_error(exc) and self._moved_from(base):
+                # Another writer committed, and its garbage collection removed chunks of
+                # our base step (keep_steps=1) while this step was still reading them.
+                raise ConcurrentWriterError(
+                    f"{self._where}: another writer committed while this step was computed "
+                    f"(and collected the chunks it was reading: {exc}); nothing of this step "
+                    "was committed: open the store again and continue"
+                ) from exc
             raise _as_store_error(exc, self._where) from exc
         _phase("stored")
         session.merge(merged)
@@ -535,6 +543,13 @@ class IcechunkStore(OutOfCore):
             elapsed_s=time.perf_counter() - start,
             flush_s=commit_s,
         )
+
+    def _moved_from(self, base: str) -> bool:
+        """Whether the branch tip is no longer ``base`` (False if it cannot be read)."""
+        try:
+            return str(self._repo.lookup_branch(BRANCH)) != base
+        except Exception:
+            return False
 
     def _expire(self) -> None:
         """Expire the snapshots before the ``keep_steps``-th latest step and collect their
