@@ -1,6 +1,7 @@
 """The Icechunk engine under SIGKILL, and two real writer processes (issue 12).
 
-Every writer here is a fresh Python interpreter (``subprocess``, never a fork of the
+Every writer is a real process (``outofcore_writers.py``: a fresh interpreter, or for
+the kill trials a fork of one that has not started a thread yet; never a fork of the
 test process) stepping a real Icechunk store, on local disk (``engine="icechunk"``) or
 on the moto S3 server of ``s3server.py``, with the deterministic gradients of
 `xpoptim._outofcore.demo.synthetic_arrays`. The reference is independent of the store:
@@ -19,17 +20,11 @@ the in-memory optimizer's ``update`` on NumPy copies, step after step.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
-import os
 import random
 import re
-import select
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +35,12 @@ da = pytest.importorskip("dask.array", reason="the out-of-core optimizer needs d
 pytest.importorskip("icechunk", reason="the Icechunk engine needs icechunk (.[icechunk])")
 
 import xpoptim  # noqa: E402
-from test_outofcore import (  # noqa: E402
-    KILL_SEED,
-    _kill_layout_params,
-    assert_store_equals,
-    fields,
-    snapshot,
-)
+from outofcore_writers import PHASES, Reference, Writer, gradients  # noqa: E402
+from test_outofcore import KILL_SEED, _kill_layout_params, assert_store_equals, snapshot  # noqa: E402
 from test_outofcore_processes import wait_for  # noqa: E402
-from xpoptim._outofcore.demo import synthetic_arrays  # noqa: E402
 
 #: Each step keeps this many committed steps readable; older ones are collected.
 KEEP_STEPS = 2
-#: Phases of an Icechunk step (``transactional.py`` calls the hook with these).
-PHASES = ("locked", "opened", "stored", "committed", "collected")
 #: Trials per storage: kills at each phase (PHASE_ROUNDS times), then at random moments
 #: of a step (uniform from "locked" over the step's measured duration), then at random
 #: moments between "committed" and "collected" (expiry and garbage collection).
@@ -61,218 +48,6 @@ PHASE_ROUNDS = 2
 RANDOM_TRIALS = {"local": 24, "s3": 16}
 COLLECTING_TRIALS = {"local": 8, "s3": 6}
 TRIAL_SEED = 20261202
-
-#: A writer process. argv[1]: JSON {location, options, seed, layout, signals}. It imports
-#: everything, compiles the chunk kernels and says "ready" and its number of threads; then
-#: it reads commands "VERB UNTIL KILL_AT HOLD_AT" on stdin. "go": open the store and step
-#: it to UNTIL with the gradients of its seed, then exit. "fork": do that in a forked child
-#: (forked while this process is still single-threaded: no thread, no Icechunk runtime,
-#: no event loop yet), say "exit CODE" when it ends, and wait for the next command. A
-#: stepping process says "pid PID" first, then "PHASE STEP SECONDS" at each phase of each
-#: step (seconds since the step took the store), kills itself with SIGKILL at phase
-#: KILL_AT (once it has said it), and at phase HOLD_AT of its first step writes
-#: SIGNALS/PID.held and waits for SIGNALS/go. A step refused with ConcurrentWriterError
-#: is reported ("conflict" and the message as JSON); the writer then reopens the store and
-#: commits one step of its own on top of the winner's.
-WRITER = r"""
-import json, os, select, signal, sys, time, traceback
-from pathlib import Path
-import numpy as np
-import dask.array, icechunk, icechunk.dask, zarr
-import xpoptim, xpoptim._outofcore.chunk_step as cs, xpoptim._outofcore.transactional
-from xpoptim._outofcore.demo import synthetic_arrays
-job = json.loads(sys.argv[1])
-def say(*words):
-    os.write(1, (" ".join(map(str, words)) + "\n").encode())
-optimizer = xpoptim.Adam(learning_rate=0.01)
-for name, m in job["layout"].items():  # compile the step's kernels before the clock starts
-    chunk = np.zeros(m["chunks"], m["dtype"])
-    cs._update_chunk(chunk, chunk, chunk, chunk.copy(), optimizer=optimizer, param=name, step=1)
-def run(until, kill_at, hold_at):
-    say("pid", os.getpid())
-    start, held, step = 0.0, False, 0
-    def hook(phase):
-        nonlocal start, held
-        if phase == "locked":
-            start = time.monotonic()
-        say(phase, step, round(time.monotonic() - start, 4))
-        if phase == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if phase == hold_at and not held:
-            held = True
-            signals = Path(job["signals"])
-            (signals / f"{os.getpid()}.held").write_text(phase)
-            while not (signals / "go").exists():
-                time.sleep(0.005)
-    cs._phase_hook = hook
-    def open_store():
-        where, options = job["location"], job["options"]
-        return xpoptim.OutOfCore.open(where, storage_options=options, num_workers=2)
-    def grads(t):
-        return synthetic_arrays(job["layout"], job["seed"], t)
-    store = open_store()
-    try:
-        for step in range(store.step_count + 1, until + 1):
-            store.step(grads(step), step=step)
-    except xpoptim.ConcurrentWriterError as exc:
-        say("conflict", json.dumps(str(exc)))
-        store = open_store()
-        step = store.step_count + 1
-        store.step(grads(step), step=step)
-    say("done", store.step_count)
-say("ready", len(os.listdir("/proc/self/task")))
-buffer = b""
-def command(*others):  # the next command's words; None if one of others is readable first
-    global buffer
-    while b"\n" not in buffer:
-        if 0 not in select.select([0, *others], [], [])[0]:
-            return None
-        data = os.read(0, 4096)
-        if not data:
-            sys.exit(0)
-        buffer += data
-    line, buffer = buffer.split(b"\n", 1)
-    return line.decode().split()
-while words := command():
-    if words[0] == "kill":  # it came after its writer ended
-        continue
-    verb, until, kill_at, hold_at = words
-    if verb == "go":
-        run(int(until), kill_at, hold_at)
-        break
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            run(int(until), kill_at, hold_at)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    # "kill" kills the writer while it runs: not reaped yet, its pid cannot be reused.
-    child = os.pidfd_open(pid)
-    while (words := command(child)) is not None:
-        if words[0] == "kill":
-            os.kill(pid, signal.SIGKILL)
-            break
-    os.close(child)
-    say("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-"""
-
-
-class Writer:
-    """A writer process (see `WRITER`), its stdout read line by line."""
-
-    def __init__(self, job: dict[str, Any], stderr: Path) -> None:
-        self.stderr = stderr
-        with stderr.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", WRITER, json.dumps(job)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                bufsize=0,
-                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},  # no BLAS thread pool
-            )
-        self._buffer = b""
-        self.threads: int | None = None
-
-    def line(self, timeout: float = 60) -> str:
-        """The next line it says ('' when it exited without one)."""
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                raise AssertionError(f"the writer said nothing for {timeout} s: {self.errors()}")
-            if select.select([self.process.stdout], [], [], left)[0]:
-                data = os.read(self.process.stdout.fileno(), 4096)
-                if not data:
-                    return ""
-                self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    def command(self, verb: str, until: int, kill_at: str = "-", hold_at: str = "-") -> int:
-        """Send a command (the first waits for "ready"); the pid of the stepping process."""
-        if self.threads is None:
-            said = self.line().split()
-            assert said[0] == "ready", (said, self.errors())
-            self.threads = int(said[1])
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"{verb} {until} {kill_at} {hold_at}\n".encode())
-        self.process.stdin.flush()
-        said = self.line().split()
-        assert said[0] == "pid", (said, self.errors())
-        return int(said[1])
-
-    def until(self, word: str) -> list[str]:
-        """Its lines up to the first that starts with ``word``, that one last."""
-        lines = [self.line()]
-        while lines[-1].split(" ", 1)[0] != word:
-            assert lines[-1], f"it exited before saying {word!r}: {lines} {self.errors()}"
-            lines.append(self.line())
-        return lines
-
-    def kill_writer(self) -> None:
-        """SIGKILL the writer it forked (if still running)."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"kill\n")
-        self.process.stdin.flush()
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-
-    def close(self) -> None:
-        """Kill it (if still running), reap it and close its pipes."""
-        self.kill()
-        self.process.wait(30)
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
-
-    def rest(self) -> list[str]:
-        """Every line it says until it exits."""
-        lines = []
-        while line := self.line():
-            lines.append(line)
-        self.process.wait(60)
-        return lines
-
-    def errors(self) -> str:
-        return self.stderr.read_text(errors="replace")[-3000:]
-
-
-class Reference:
-    """The in-memory optimizer on NumPy copies: ``ref[k]`` = (params, buffers) after k
-    steps with the gradients ``grads(t)``."""
-
-    def __init__(self, params: dict[str, np.ndarray], grads: Callable[[int], dict]) -> None:
-        self.optimizer = xpoptim.Adam(learning_rate=0.01)
-        self.grads = grads
-        self.params = {k: v.copy() for k, v in params.items()}
-        self.state = self.optimizer.init(self.params)
-        self.history = [self._copy()]
-
-    def _copy(self) -> tuple[dict, dict]:
-        buffers = {
-            f: {k: v.copy() for k, v in getattr(self.state, f).items()} for f in fields(self.state)
-        }
-        return {k: v.copy() for k, v in self.params.items()}, buffers
-
-    def __getitem__(self, k: int) -> tuple[dict, dict]:
-        while len(self.history) <= k:
-            g = self.grads(len(self.history))
-            self.params, self.state = self.optimizer.update(self.params, g, self.state)
-            self.history.append(self._copy())
-        return self.history[k]
-
-
-def gradients(layout: dict[str, Any], seed: int) -> Callable[[int], dict]:
-    return lambda t: {k: v.compute() for k, v in synthetic_arrays(layout, seed, t).items()}
 
 
 class Place:
@@ -289,7 +64,7 @@ class Place:
             self.location = f"s3://{self.bucket}/run"
             self.options, self.engine = self.server.storage_options, None
 
-    def create(self, params: dict, layout: dict, keep_steps: int = KEEP_STEPS) -> xpoptim.OutOfCore:
+    def create(self, params: dict, layout: dict, keep_steps: int = KEEP_STEPS, **kw: Any) -> Any:
         chunks = {k: tuple(m["chunks"]) for k, m in layout.items()}
         return xpoptim.OutOfCore.create(
             self.location,
@@ -299,6 +74,7 @@ class Place:
             engine=self.engine,
             storage_options=self.options,
             keep_steps=keep_steps,
+            **kw,
         )
 
     def open(self) -> xpoptim.OutOfCore:
@@ -388,15 +164,16 @@ def test_sigkill_never_tears_a_committed_step(place, tmp_path):
             phase = kind if kind in PHASES else "-"
             zygote.command("fork", committed + 2, kill_at=phase)
             assert zygote.threads == 1, "the writers would be forked from a threaded process"
+            lines = []
             if kind == "step":
-                zygote.until("locked")
+                lines = zygote.until("locked")
                 time.sleep(rng.uniform(0.0, max(step_s)))
                 zygote.kill_writer()
             elif kind == "collecting":
-                zygote.until("committed")
+                lines = zygote.until("committed")
                 time.sleep(rng.uniform(0.0, sum(collect_s) / len(collect_s)))
                 zygote.kill_writer()
-            said = [line.split() for line in zygote.until("exit")]
+            said = [line.split() for line in lines + zygote.until("exit")]
             code = int(said[-1][1])
             assert code in (0, -signal.SIGKILL), (said, zygote.errors())
             phases = {words[0]: float(words[2]) for words in said if words[0] in PHASES}
@@ -404,7 +181,7 @@ def test_sigkill_never_tears_a_committed_step(place, tmp_path):
                 step_s.append(phases["collected"])
                 collect_s.append(phases["collected"] - phases["committed"])
             if code != 0:
-                windows[[w[0] for w in said if w[0] in PHASES][-1] if phases else "open"] += 1
+                windows[[w[0] for w in said if w[0] in PHASES][-1]] += 1
             k, problem = check_whole(place, reference)
             if problem is not None:
                 torn.append(f"trial {trial} (kill: {kind}): {problem}")
@@ -415,6 +192,7 @@ def test_sigkill_never_tears_a_committed_step(place, tmp_path):
             assert k >= committed, f"trial {trial}: step {k} after step {committed}"
             committed = k
         trials_s = time.monotonic() - started
+        left = sum(k.startswith("chunks/") for k in place.objects())  # orphans included
         # Resume without interruption: a few more steps, so the killed steps' chunks expire.
         final = committed + KEEP_STEPS + 2
         zygote.command("go", final)
@@ -449,7 +227,8 @@ def test_sigkill_never_tears_a_committed_step(place, tmp_path):
     metadata = [k for k in objects if not k.startswith("chunks/")]
     assert len(metadata) <= (KEEP_STEPS + 2) * (len(layout) * 3 + 3), sorted(metadata)
     print(
-        f"{place.kind}: {len(chunk_objects)} chunk objects ({sum(chunk_objects.values())} B, "
+        f"{place.kind}: {left} chunk objects after the kills, then "
+        f"{len(chunk_objects)} ({sum(chunk_objects.values())} B, "
         f"one version {one_version} B), {len(metadata)} other objects "
         f"({sum(objects.values()) - sum(chunk_objects.values())} B)"
     )
@@ -480,6 +259,8 @@ def test_a_second_local_writer_is_refused_at_once_and_nothing_is_lost(tmp_path, 
         assert place.location in message
         assert f"another writer (process {pid})" in message
         assert "nothing was changed" in message
+        with pytest.raises(xpoptim.ConcurrentWriterError, match=rf"process {pid}"):
+            place.create(params, layout, overwrite=True)
         assert snapshot(Path(place.location)) == before
         assert store.step_count == 0  # a reader meanwhile sees step 0, whole
         assert_store_equals(store, *reference[0])
