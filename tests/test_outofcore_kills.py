@@ -9,9 +9,10 @@ the in-memory optimizer's ``update`` on NumPy copies, step after step.
 
 * Kill trials: the test kills the writer with SIGKILL at each phase of a step (the writer
   kills itself from ``chunk_step._phase_hook``) and at seeded random moments, uniform
-  over a step's duration as measured by the phase trials. After every kill the store
-  opens and holds a whole committed step, bit for bit; after all of them, resuming gives
-  the uninterrupted run's bits and the chunks of the killed steps have been collected.
+  over a step's duration as measured by the phase trials, or over the expiry and garbage
+  collection that follow a commit. After every kill the store opens and holds a whole
+  committed step, bit for bit; after all of them, resuming gives the uninterrupted run's
+  bits, and the chunks of the killed steps have been collected.
 * Two writers: on local disk the second is refused at once by the writer lock; on S3
   two writers that prepared the same step race to commit, exactly one wins, and the
   loser reopens and continues from the winner's step.
@@ -24,6 +25,7 @@ import json
 import random
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ import pytest
 
 da = pytest.importorskip("dask.array", reason="the out-of-core optimizer needs dask (.[dask])")
 pytest.importorskip("icechunk", reason="the Icechunk engine needs icechunk (.[icechunk])")
+if not sys.platform.startswith("linux"):  # the writers use /proc and os.pidfd_open
+    pytest.skip("the writer processes need Linux", allow_module_level=True)
 
 import xpoptim  # noqa: E402
 from outofcore_writers import PHASES, Reference, Writer, gradients  # noqa: E402
