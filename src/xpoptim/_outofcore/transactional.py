@@ -452,6 +452,14 @@ class IcechunkStore(OutOfCore):
             with dask.config.set(**scheduler), bar:
                 merged = ic_dask.store_dask(sources=sources, targets=targets)
         except Exception as exc:
+            if base is not None and is_icechunk_error(exc) and self._moved_from(base):
+                # Another writer committed, and its garbage collection removed chunks of
+                # our base step (keep_steps=1) while this step was still reading them.
+                raise ConcurrentWriterError(
+                    f"{self._where}: another writer committed while this step was computed "
+                    f"(and collected the chunks it was reading: {exc}); nothing of this step "
+                    "was committed: open the store again and continue"
+                ) from exc
             raise as_store_error(exc, self._where) from exc
         _phase("stored")
         session.merge(merged)
@@ -478,17 +486,30 @@ class IcechunkStore(OutOfCore):
             flush_s=commit_s,
         )
 
+    def _moved_from(self, base: str) -> bool:
+        """Whether the branch tip is no longer ``base`` (False if it cannot be read)."""
+        try:
+            return str(self._repo.lookup_branch(BRANCH)) != base
+        except Exception:
+            return False
+
     def _expire(self) -> None:
         """Expire the snapshots before the ``keep_steps``-th latest step and collect their
         objects (tagged snapshots stay)."""
         steps = [i for i in self._repo.ancestry(branch=BRANCH) if STEP_KEY in i.metadata]
         if len(steps) <= self.keep_steps:
             return
-        oldest_kept, newest_expired = steps[self.keep_steps - 1], steps[self.keep_steps]
+        oldest_kept = steps[self.keep_steps - 1]
         self._repo.expire_snapshots(older_than=oldest_kept.written_at)
-        # Only objects written before the newest expired step's commit: the chunks of a
-        # step still being written by another writer are newer, and stay.
-        self._repo.garbage_collect(newest_expired.written_at)
+        # Collect the objects no branch or tag reaches that were written before the
+        # oldest kept commit: the expired steps' chunks and those of killed or refused
+        # steps. A writer that can still commit starts from the tip, after that commit,
+        # so its chunks are newer and stay. An object store dates objects to the second
+        # (S3's Last-Modified), so there the cutoff goes back to the whole second.
+        cutoff = oldest_kept.written_at
+        if self._where.path is None:
+            cutoff = cutoff.replace(microsecond=0)
+        self._repo.garbage_collect(cutoff)
 
     def _open_arrays(self, snapshot: str) -> dict[str, Any]:
         """The arrays of ``snapshot``, read-only, checked against the description; every
