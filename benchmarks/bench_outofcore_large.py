@@ -62,6 +62,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,10 +93,12 @@ RSS_K = 14
 
 def layout_for(state_bytes: int, n_params: int, chunk_bytes: int) -> dict[str, dict[str, Any]]:
     """``n_params`` float32 matrices ``(rows, WIDTH)`` whose parameters + Adam state (3
-    buffers) take at least ``state_bytes``; chunks of whole rows, about ``chunk_bytes``."""
+    buffers) take at least ``state_bytes``; chunks of whole rows, about ``chunk_bytes``,
+    and a whole number of chunks per matrix."""
     elements = math.ceil(state_bytes / 3 / 4)
     rows = max(1, math.ceil(elements / (n_params * WIDTH)))
     chunk_rows = max(1, min(rows, chunk_bytes // (WIDTH * 4)))
+    rows = math.ceil(rows / chunk_rows) * chunk_rows  # whole chunks: Zarr pads edge chunks
     return {
         f"layer{i}.weight": {
             "shape": [rows, WIDTH],
@@ -154,6 +157,53 @@ def disk_used(path: Path) -> int:
         ["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True
     )
     return int(out.stdout.split()[0])
+
+
+class Watch:
+    """Measures what happens in a ``with`` block: wall and CPU time of the process, its
+    kernel I/O (`proc_io`), its peak RSS (``VmHWM``, reset on entry) and the lowest free
+    space of the file system at ``directory`` (sampled every 0.2 s by a thread: how much
+    the store grows while a step writes its new version beside the committed one)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.figures: dict[str, Any] = {}
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            self._min_free = min(self._min_free, shutil.disk_usage(self.directory).free)
+
+    def __enter__(self) -> Watch:
+        reset_peak_rss()
+        self._io = proc_io()
+        self._cpu = cpu_seconds()
+        self._free = self._min_free = shutil.disk_usage(self.directory).free
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall_s = time.perf_counter() - self._start
+        self._done.set()
+        self._thread.join()
+        io = proc_io()
+        self.figures = {
+            "wall_s": wall_s,
+            "cpu_s": cpu_seconds() - self._cpu,
+            "io_read_bytes": io["read_bytes"] - self._io["read_bytes"],
+            "io_write_bytes": io["write_bytes"] - self._io["write_bytes"],
+            "peak_rss_bytes": proc_status("VmHWM"),
+            "peak_address_space_bytes": proc_status("VmPeak"),
+            "peak_growth_on_disk_bytes": self._free - self._min_free,
+        }
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def evict(path: Path) -> None:
@@ -324,26 +374,21 @@ def run(args: argparse.Namespace, echo: Callable[[str], Any] = print) -> dict[st
         echo(json.dumps(disk_before))
 
         optimizer = xpoptim.Adam(learning_rate=1e-3)
-        reset_peak_rss()
-        io0 = proc_io()
-        start = time.perf_counter()
-        store = xpoptim.OutOfCore.create(
-            store_dir,
-            optimizer,
-            synthetic_arrays(layout, args.seed, 0),  # generated chunk by chunk by Dask
-            chunk_bytes=args.chunk_size,
-            num_workers=args.threads,
-            engine=args.engine,
-            progress=args.progress,
-        )
-        create_s = time.perf_counter() - start
-        io1 = proc_io()
+        with Watch(base) as watch:
+            store = xpoptim.OutOfCore.create(
+                store_dir,
+                optimizer,
+                synthetic_arrays(layout, args.seed, 0),  # generated chunk by chunk by Dask
+                chunk_bytes=args.chunk_size,
+                num_workers=args.threads,
+                engine=args.engine,
+                progress=args.progress,
+            )
+        create_s = watch.figures["wall_s"]
         create = {
-            "wall_s": create_s,
+            **watch.figures,
             "bytes_written": data_bytes,
             "gb_per_s": data_bytes / create_s / 1e9,
-            "io_write_bytes": io1["write_bytes"] - io0["write_bytes"],
-            "peak_rss_bytes": proc_status("VmHWM"),
             "disk_used_bytes": disk_used(store_dir),
         }
         echo(
@@ -357,25 +402,18 @@ def run(args: argparse.Namespace, echo: Callable[[str], Any] = print) -> dict[st
             check_free(base, data_bytes + 2**30, f"step {t}")
             if not args.warm:
                 evict(store_dir)
-            reset_peak_rss()
-            io0 = proc_io()
-            start = time.perf_counter()
-            # The gradient of step t: Dask arrays generated chunk by chunk, never stored.
-            summary = store.step(synthetic_arrays(store.layout, args.seed, t), step=t)
-            wall_s = time.perf_counter() - start
-            io1 = proc_io()
+            with Watch(base) as watch:
+                # The gradient of step t: Dask arrays generated chunk by chunk, never stored.
+                summary = store.step(synthetic_arrays(store.layout, args.seed, t), step=t)
+            wall_s = watch.figures["wall_s"]
             row = {
                 "step": t,
-                "wall_s": wall_s,
+                **watch.figures,
                 "gb_per_s": summary.bytes_moved / wall_s / 1e9,
                 "bytes_read": summary.bytes_read,
                 "bytes_written": summary.bytes_written,
                 "bytes_gradient_generated": summary.bytes_gradient,
                 "flush_s": summary.flush_s,
-                "io_read_bytes": io1["read_bytes"] - io0["read_bytes"],
-                "io_write_bytes": io1["write_bytes"] - io0["write_bytes"],
-                "peak_rss_bytes": proc_status("VmHWM"),
-                "peak_address_space_bytes": proc_status("VmPeak"),
                 "ru_maxrss_bytes": ru_maxrss(),
                 "disk_used_bytes": disk_used(store_dir),
                 "free_bytes": shutil.disk_usage(base).free,
@@ -385,8 +423,9 @@ def run(args: argparse.Namespace, echo: Callable[[str], Any] = print) -> dict[st
             echo(
                 f"{summary}; wall {wall_s:.1f} s = {row['gb_per_s']:.3f} GB/s; kernel I/O read "
                 f"{row['io_read_bytes'] / 1e9:.2f} GB, wrote {row['io_write_bytes'] / 1e9:.2f} GB; "
-                f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB; "
-                f"{row['disk_used_bytes'] / 2**30:.2f} GiB on disk"
+                f"CPU {row['cpu_s']:.0f} s; peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB; "
+                f"{row['disk_used_bytes'] / 2**30:.2f} GiB on disk after the step, up to "
+                f"{row['peak_growth_on_disk_bytes'] / 2**30:.2f} GiB more during it"
             )
 
         start = time.perf_counter()

@@ -52,6 +52,8 @@ def test_a_tiny_run_reports_every_figure_and_deletes_its_store(tmp_path):
         assert step["disk_used_bytes"] >= data  # the committed version, on disk
         assert 0 < step["peak_rss_bytes"] <= result["memory_cap"]["bytes"]
         assert step["ratio_to_disk"] > 0
+        assert step["cpu_s"] > 0
+        assert step["peak_growth_on_disk_bytes"] >= 0
     assert result["verified_chunks"] == 2
     for when in ("disk_before", "disk_after"):
         assert result[when]["write_fsync_gb_per_s"] > 0
