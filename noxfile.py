@@ -207,12 +207,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench_large(session: nox.Session) -> None:
-    """An out-of-core Adam run larger than RAM: ``nox -s bench_large [-- --size 25GiB
-    --engine directory|icechunk --dir DIR --max-memory 2GiB]``.
+    """Adam out of core on 25 GiB, more than RAM: ``nox -s bench_large [-- --engine icechunk]``.
 
-    Needs about two versions of the store free on the disk of ``--dir`` (50 GiB for the
-    default 25 GiB of params + state; it checks first and refuses if short) and runs for
-    many minutes: never part of the default sessions.
+    Options (``-- --help``): ``--size 25GiB --engine directory|icechunk --dir DIR
+    --max-memory 2GiB --steps 2``. Needs about two versions of the store free on the
+    disk of ``--dir`` (51 GiB for the default 25 GiB of params + state; it checks first
+    and refuses if short) and runs for minutes: never part of the default sessions.
     """
     session.install(".[dask]", "icechunk")
     session.run("python", "benchmarks/bench_outofcore_large.py", *session.posargs)
