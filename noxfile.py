@@ -27,7 +27,7 @@ DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")
 BACKENDS = {
     "numpy": ["."],
     "array_api_strict": ["."],
-    "dask": [".[dask]"],
+    "dask": [".[icechunk]"],  # Dask, Zarr and Icechunk: every out-of-core engine
     "torch": [".", "torch==2.13.0"],
     "jax": [".", "jax", "optax"],
     "cupy": [".[cuda12]"],
@@ -103,7 +103,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-# What the docs' examples import beyond xpoptim[dask] (CuPy ones run only on a GPU): the
+# What the docs' examples import beyond xpoptim[icechunk] (CuPy ones run only on a GPU): the
 # faces' pages need torch, jax and optax, the array libraries' page Cubed.
 DOCS_BACKENDS = ["array-api-strict>=2.3", *BACKENDS["torch"][1:], "jax", "optax", "cubed"]
 
@@ -115,9 +115,9 @@ def docs(session: nox.Session) -> None:
     Strict: a broken cross-reference or a missing page fails the build. The site goes to
     ``site/``; ``nox -s docs -- --site-dir DIR`` puts it elsewhere.
     """
-    # The examples of the pages and docstrings use Dask and Zarr (out of core), and the
+    # The examples of the pages and docstrings use Dask, Zarr and Icechunk (out of core), and the
     # README's "On each backend" blocks each backend that runs on a CPU.
-    session.install(*DOCS_DEPS, ".[dask]", *DOCS_BACKENDS)
+    session.install(*DOCS_DEPS, ".[icechunk]", *DOCS_BACKENDS)
     session.run("pytest", "--doctest-modules", "src/xpoptim", "-q", "-p", "no:cacheprovider")
     # Every ```python block of README.md and docs/*.md, in order per page; with
     # XPOPTIM_DOCS_ALL=1 a block whose library is missing here fails instead of skipping.

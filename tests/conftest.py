@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+# The moto S3 server fixture (``s3_server``) for the object-storage tests.
+pytest_plugins = ["s3server"]
+
 ALL_BACKENDS = ("numpy", "array_api_strict", "dask", "torch", "jax", "cupy")
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _validation as check
 from .._execution import execution_options
 from .._optimizers import OPTIMIZERS, Optimizer
 from . import layout
@@ -300,3 +301,91 @@ def resolve_optimizer(
         )
     layout.check_storable_config(optimizer.get_config())
     return optimizer
+
+
+def step_graph(
+    optimizer: Optimizer,
+    arrays: Mapping[str, Any],
+    fields: list[str],
+    committed: Mapping[str, Any],
+    gradients: Mapping[str, Any],
+    step: int,
+) -> dict[str, Any]:
+    """The lazy outputs of step ``step``: name -> (new param, *new state buffers), Dask.
+
+    One Dask task per chunk runs the optimizer's own update on the NumPy chunks it read
+    (`_update_chunk`): the same rule as in memory, in place on buffers the task owns.
+    (Running update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
+    temporary per operation: 1.2-1.8x slower in our measurements.)
+
+    Args:
+        optimizer: the store's optimizer.
+        arrays: the store's description of each parameter.
+        fields: the state buffer names.
+        committed: ``"params/{name}"`` and ``"{field}/{name}"`` -> the committed Zarr array.
+        gradients: name -> Dask gradient with the parameter's chunks (`check_grads`).
+        step: the step being computed (committed + 1).
+    """
+    da = _lazy("dask.array")
+
+    # A copy for the tasks, sharing the learning-rate schedule object itself: a
+    # ReduceOnPlateau the user observes keeps its reductions.
+    config = optimizer.get_config()
+    config["learning_rate"] = optimizer.learning_rate
+    task_optimizer = type(optimizer).from_config(config)
+    outputs = {}
+    for n in arrays:
+        inputs = [da.from_zarr(committed[f"params/{n}"]), gradients[n]]
+        inputs += [da.from_zarr(committed[f"{f}/{n}"]) for f in fields]
+        outputs[n] = da.apply_gufunc(
+            _update_chunk,
+            ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
+            *inputs,
+            output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
+            optimizer=task_optimizer,
+            param=n,
+            step=step,
+        )
+    return outputs
+
+
+def check_create(
+    optimizer: Optimizer,
+    params: Mapping[str, Any],
+    chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None,
+    chunk_bytes: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Check the arguments of `OutOfCore.create`, before anything is written.
+
+    Returns:
+        ``(sources, arrays)``: name -> the initial values as a Dask array with regular
+        chunks, and name -> ``{"shape", "dtype", "chunks"}`` (the store's description).
+
+    Raises:
+        TypeError, ValueError: not an elementwise xpoptim optimizer, a config JSON cannot
+            store, an empty mapping, a bad name, chunk shape or array.
+    """
+    _check_elementwise(optimizer)
+    if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
+        raise TypeError(
+            f"optimizer must be one of xpoptim's elementwise optimizers "
+            f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
+        )
+    _check_policy(optimizer)
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("params must be a non-empty mapping from names to arrays")
+    layout.check_names(params)
+    layout.check_chunk_bytes(chunk_bytes)
+    # Every commit stores the config: check it can, before writing anything.
+    layout.check_storable_config(optimizer.get_config())
+    sources = {name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()}
+    check.params(sources)  # real floating dtypes, one namespace
+    arrays = {
+        name: {
+            "shape": list(x.shape),
+            "dtype": str(x.dtype),
+            "chunks": list(_regular_chunks(x.chunks) or ()),
+        }
+        for name, x in sources.items()
+    }
+    return sources, arrays

@@ -35,6 +35,7 @@ independent of the number or size of the parameters.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import _validation as check
 from .._atomic import fsync_path, is_temporary, replace_atomically
 from .._optimizers import Optimizer
 from . import layout
@@ -53,22 +53,21 @@ from .chunk_step import (
     DEFAULT_CHUNK_BYTES,
     MissingDependencyError,
     StepSummary,
-    _as_dask,
     _check_elementwise,
     _check_policy,
     _lazy,
     _phase,
     _progress_default,
-    _regular_chunks,
-    _update_chunk,
+    check_create,
     check_grads,
     compute,
     resolve_optimizer,
+    step_graph,
 )
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from .location import Location
 from .lock import writer_lock
-from .store import OutOfCore
+from .store import Commit, OutOfCore
 
 #: How often `OutOfCore.read` starts again when a commit replaced the version it read.
 READ_ATTEMPTS = 5
@@ -198,24 +197,8 @@ class DirectoryStore(OutOfCore):
         """`OutOfCore.create`, recording ``note`` in the store's description (the demo marks the
         stores it made, so that it replaces only those); with ``state`` (field -> name
         -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
-        _check_elementwise(optimizer)
-        if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
-            raise TypeError(
-                f"optimizer must be one of xpoptim's elementwise optimizers "
-                f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
-            )
-        _check_policy(optimizer)
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError("params must be a non-empty mapping from names to arrays")
-        layout.check_names(params)
-        layout.check_chunk_bytes(chunk_bytes)
-        # The commit pointer stores the config: check it can, before writing anything.
-        layout.check_storable_config(optimizer.get_config())
+        sources, arrays = check_create(optimizer, params, chunks, chunk_bytes)
         da, zarr = _lazy("dask.array"), _lazy("zarr")
-        sources = {
-            name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()
-        }
-        check.params(sources)  # real floating dtypes, one namespace
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"{directory} exists and is not a directory; nothing was changed")
@@ -229,14 +212,6 @@ class DirectoryStore(OutOfCore):
         directory.mkdir(parents=True, exist_ok=True)
 
         fields = list(optimizer._buffer_fields())
-        arrays = {
-            name: {
-                "shape": list(x.shape),
-                "dtype": str(x.dtype),
-                "chunks": list(_regular_chunks(x.chunks) or ()),
-            }
-            for name, x in sources.items()
-        }
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -387,6 +362,14 @@ class DirectoryStore(OutOfCore):
         """The committed version's group name (``"v{k}"``)."""
         return str(layout.read_pointer(self.directory)["version"])
 
+    def history(self) -> list[Commit]:
+        """The committed step alone: a directory store keeps no history (Icechunk does)."""
+        pointer = layout.read_pointer(self.directory)
+        when = datetime.datetime.fromtimestamp(
+            (self.directory / POINTER).stat().st_mtime, tz=datetime.UTC
+        )
+        return [Commit(int(pointer["step"]), str(pointer["version"]), when)]
+
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.
 
@@ -507,28 +490,9 @@ class DirectoryStore(OutOfCore):
         layout.check_storable_config(self.optimizer.get_config())
         old = self._open_version(pointer["version"], mode="r")
         gradients = check_grads(self._arrays, grads, rechunk)
-        # One Dask task per chunk runs the optimizer's own update on the NumPy chunks it
-        # read: the same rule as in memory, in place on buffers the task owns. (Running
-        # update() on the Dask arrays also works, but builds ~14 tasks per chunk and a
-        # temporary per operation: 1.2-1.8x slower in our measurements.)
-        # A copy for the tasks, sharing the learning-rate schedule object itself: a
-        # ReduceOnPlateau the user observes keeps its reductions.
-        config = self.optimizer.get_config()
-        config["learning_rate"] = self.optimizer.learning_rate
-        optimizer = type(self.optimizer).from_config(config)
-        outputs = {}
-        for n in self._arrays:
-            inputs = [da.from_zarr(old[f"params/{n}"]), gradients[n]]
-            inputs += [da.from_zarr(old[f"{f}/{n}"]) for f in self._fields]
-            outputs[n] = da.apply_gufunc(
-                _update_chunk,
-                ",".join(["()"] * len(inputs)) + "->" + ",".join(["()"] * (len(inputs) - 1)),
-                *inputs,
-                output_dtypes=[inputs[0].dtype] * (len(inputs) - 1),
-                optimizer=optimizer,
-                param=n,
-                step=committed + 1,
-            )
+        outputs = step_graph(
+            self.optimizer, self._arrays, self._fields, old, gradients, committed + 1
+        )
 
         # Nothing has changed on disk so far. From here on, only v{k+1} is written
         # until the pointer flips.

@@ -191,13 +191,14 @@ def read_meta(
         )
     if meta.get("optimizer") not in set(optimizers):
         raise StoreError(f"{directory} holds an unknown optimizer {meta.get('optimizer')!r}")
-    bad = _meta_problem(meta)
+    bad = meta_problem(meta)
     if bad:
         raise StoreError(f"{path} has a malformed xpoptim description: {bad}")
     return meta
 
 
-def _meta_problem(meta: Mapping[str, Any]) -> str | None:
+def meta_problem(meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with a store description's fields and arrays (None: nothing)."""
     fields, arrays = meta.get("fields"), meta.get("arrays")
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         return f"'fields' must be a list of strings, got {fields!r}"
