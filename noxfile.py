@@ -214,5 +214,5 @@ def bench_large(session: nox.Session) -> None:
     disk of ``--dir`` (51 GiB for the default 25 GiB of params + state; it checks first
     and refuses if short) and runs for minutes: never part of the default sessions.
     """
-    session.install(".[dask]", "icechunk")
+    session.install(".[icechunk]")
     session.run("python", "benchmarks/bench_outofcore_large.py", *session.posargs)
