@@ -173,6 +173,8 @@ class Watch:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.figures: dict[str, Any] = {}
+        self._done = threading.Event()
+        self._min_free = 0
 
     def _sample(self) -> None:
         while not self._done.wait(0.2):
@@ -183,7 +185,7 @@ class Watch:
         self._io = proc_io()
         self._cpu = cpu_seconds()
         self._free = self._min_free = shutil.disk_usage(self.directory).free
-        self._done = threading.Event()
+        self._done.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         self._start = time.perf_counter()
@@ -331,7 +333,7 @@ def required_free(data_bytes: int, disk_test_bytes: int) -> int:
     return max(2 * data_bytes, data_bytes + disk_test_bytes) + margin
 
 
-def check_free(directory: Path, need: int, what: str) -> int:
+def check_free(directory: Path, need: int, what: str, then: str = "Nothing was written.") -> int:
     """The free bytes at ``directory``; `SystemExit` with a message if fewer than ``need``."""
     free = shutil.disk_usage(directory).free
     if free < need:
@@ -339,7 +341,7 @@ def check_free(directory: Path, need: int, what: str) -> int:
             f"bench_outofcore_large: not enough free space for {what}: it needs "
             f"{need / 2**30:.1f} GiB free on the file system of {directory}, which has "
             f"{free / 2**30:.1f} GiB. Free some space, use --dir on another file system, or "
-            "a smaller --size. Nothing was written."
+            f"a smaller --size. {then}"
         )
     return free
 
@@ -382,7 +384,6 @@ def run(args: argparse.Namespace, echo: Callable[[str], Any] = print) -> dict[st
     load_before = os.getloadavg()
 
     steps: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
     try:
         echo(f"disk test: {args.disk_test_size / 2**30:.1f} GiB in {base} ...")
         disk_before = disk_bandwidth(base, args.disk_test_size)
@@ -416,7 +417,9 @@ def run(args: argparse.Namespace, echo: Callable[[str], Any] = print) -> dict[st
 
         for t in range(1, args.steps + 1):
             # The new version needs room beside the committed one.
-            check_free(base, data_bytes + 2**30, f"step {t}")
+            check_free(
+                base, data_bytes + 2**30, f"step {t}", "The run stops; its store is deleted."
+            )
             if not args.warm:
                 evict(store_dir)
             with Watch(base) as watch:
