@@ -159,7 +159,7 @@ def repository_for_create(where: Location, overwrite: bool) -> Any:
             return ic.Repository.create(storage(where))
         repo = ic.Repository.open(storage(where))
     except ic.IcechunkError as exc:
-        raise StoreError(f"cannot create a store at {where}: {exc}") from exc
+        raise StoreError(f"cannot create a store at {where}: {reason(exc)}") from exc
     read_meta(repo, where, repo.lookup_branch(BRANCH))  # an xpoptim store, or refused
     if not overwrite:
         raise FileExistsError(
@@ -194,5 +194,30 @@ def as_store_error(exc: BaseException, where: Location) -> BaseException:
         )
         return error
     if is_icechunk_error(exc):
-        return StoreError(f"{where}: the store could not be read: {text}")
+        return StoreError(f"{where}: the store could not be read: {reason(exc)}")
     return exc
+
+
+#: Object-store error codes that mean the credentials were refused.
+_AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken")
+
+
+def reason(exc: BaseException) -> str:
+    """Icechunk's error in one readable line first (its full text after it).
+
+    A refused credential says so and where credentials come from; a missing bucket says
+    that; anything else gives Icechunk's first line.
+    """
+    text = str(exc)
+    lines = [line.strip(" |x`->") for line in text.splitlines()]
+    first = next((line for line in lines if line), type(exc).__name__)
+    code = next((c for c in _AUTH_CODES if c in text), None)
+    if code is not None:
+        first = (
+            f"the object store refused the credentials ({code}): check storage_options "
+            "access_key_id/secret_access_key (or the environment, AWS_* variables or a "
+            "profile, when none are given)"
+        )
+    elif "NoSuchBucket" in text:
+        first = "the bucket does not exist (NoSuchBucket): create it first"
+    return f"{first}\n(Icechunk: {text.strip()})"

@@ -73,6 +73,7 @@ from .repository import (
     is_icechunk_error,
     local_lock,
     read_meta,
+    reason,
     repository_for_create,
     step_snapshot,
     storage,
@@ -202,7 +203,7 @@ class IcechunkStore(OutOfCore):
             exists = ic.Repository.exists(storage(where))
             repo = ic.Repository.open(storage(where)) if exists else None
         except ic.IcechunkError as exc:
-            raise StoreError(f"cannot reach the store at {where}: {exc}") from exc
+            raise StoreError(f"cannot reach the store at {where}: {reason(exc)}") from exc
         if repo is None:
             raise StoreError(f"{where} holds no xpoptim store (no Icechunk repository there)")
         meta = read_meta(repo, where, repo.lookup_branch(BRANCH))
