@@ -1,8 +1,8 @@
 """Sessions: the backend test matrix, lint, the demo and the benchmarks.
 
 ``nox`` alone runs every default session: the tests on each CPU backend (the CuPy
-one skips itself, with the reason, where there is no CUDA device), lint and docs. ``demo``
-and ``bench`` run only when named: ``nox -s demo``, ``nox -s bench``.
+one skips itself, with the reason, where there is no CUDA device), lint and docs. ``demo``,
+``bench`` and ``bench_large`` run only when named: ``nox -s demo``, ``nox -s bench``.
 """
 
 from __future__ import annotations
@@ -205,3 +205,16 @@ def bench(session: nox.Session) -> None:
         *session.posargs,
         env={"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None},
     )
+
+
+@nox.session(default=False)
+def bench_large(session: nox.Session) -> None:
+    """Adam out of core on 25 GiB, more than RAM: ``nox -s bench_large [-- --engine icechunk]``.
+
+    Options (``-- --help``): ``--size 25GiB --engine directory|icechunk --dir DIR
+    --max-memory 2GiB --steps 2``. Needs about two versions of the store free on the
+    disk of ``--dir`` (51 GiB for the default 25 GiB of params + state; it checks first
+    and refuses if short) and runs for minutes: never part of the default sessions.
+    """
+    session.install(".[icechunk]")
+    session.run("python", "benchmarks/bench_outofcore_large.py", *session.posargs)
