@@ -185,7 +185,7 @@ def measure(
                     "target": target,
                     "workers": workers,
                     "chunk_mib": chunk_mib,
-                    "chunks_per_array": sum(-(-s[0] // chunk_rows) for s in shapes.values()),
+                    "param_chunks": sum(-(-s[0] // chunk_rows) for s in shapes.values()),
                     "step": summary.step,
                     "step_s": round(summary.elapsed_s, 3),
                     "gb_per_s": round(summary.gb_per_s, 3),

@@ -112,9 +112,9 @@ def client() -> Iterator[Any]:
 @pytest.fixture
 def workers_ready(client: Any) -> Iterator[Any]:
     """The client, with every worker up before and after the test (a killed one restarted)."""
-    client.wait_for_workers(WORKERS, timeout=30)
+    client.wait_for_workers(WORKERS, timeout=90)
     yield client
-    client.wait_for_workers(WORKERS, timeout=30)
+    client.wait_for_workers(WORKERS, timeout=90)
 
 
 def location(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, dict]:
@@ -262,7 +262,7 @@ def test_a_worker_killed_computing_a_chunk_still_gives_one_correct_commit(
     assert marker.exists(), "the chosen chunk was never computed"
     victim = int(marker.read_text())
     assert victim in before
-    client.wait_for_workers(WORKERS, timeout=30)
+    client.wait_for_workers(WORKERS, timeout=90)
     assert victim not in worker_pids(client), "the killed worker is still there"
     # ... and the step completed once, with the bits of the uninterrupted run.
     assert (summary.step, store.step_count) == (2, 2)
@@ -303,7 +303,7 @@ def test_a_worker_killed_after_writing_a_chunk_leaves_no_torn_commit(
     assert marker.exists(), "no worker wrote the chosen chunk"
     victim = int(marker.read_text())
     assert victim in before
-    client.wait_for_workers(WORKERS, timeout=30)
+    client.wait_for_workers(WORKERS, timeout=90)
     assert victim not in worker_pids(client)
     assert (summary.step, store.step_count) == (2, 2)
     assert [c.step for c in store.history()] == [2]
