@@ -20,6 +20,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+S3_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test-s3")
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")
 
@@ -28,7 +29,8 @@ DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")
 BACKENDS = {
     "numpy": ["."],
     "array_api_strict": ["."],
-    "dask": [".[icechunk]"],  # Dask, Zarr and Icechunk: every out-of-core engine
+    # Dask, Zarr and Icechunk (every out-of-core engine), and the S3 server of its tests.
+    "dask": [".[icechunk]", *S3_TEST_DEPS],
     "torch": [".", "torch==2.13.0"],
     "jax": [".", "jax", "optax"],
     "cupy": [".[cuda12]"],

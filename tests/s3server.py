@@ -64,16 +64,21 @@ class S3Server:
             "force_path_style": True,
         }
 
-    def client(self) -> Any:
-        """A boto3 S3 client for this server (to inspect or prepare buckets)."""
+    def client(
+        self,
+        service: str = "s3",
+        access_key_id: str = ACCESS_KEY_ID,
+        secret_access_key: str = SECRET_ACCESS_KEY,
+    ) -> Any:
+        """A boto3 client of this server (``"s3"`` to inspect or prepare buckets, ``"iam"``)."""
         import boto3
 
         return boto3.client(
-            "s3",
+            service,
             endpoint_url=self.endpoint_url,
             region_name=REGION,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
         )
 
     def new_bucket(self) -> str:
@@ -82,9 +87,9 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
+    def objects(self, bucket: str, prefix: str = "", **credentials: str) -> dict[str, int]:
         """Key -> size in bytes of every object in ``bucket`` under ``prefix``."""
-        paginator = self.client().get_paginator("list_objects_v2")
+        paginator = self.client("s3", **credentials).get_paginator("list_objects_v2")
         out: dict[str, int] = {}
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
@@ -124,13 +129,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=5)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    """Linux: the server gets SIGKILL when the test process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a ``preexec_fn`` that has the server get SIGKILL when the test process dies,
+    even by SIGKILL. Resolved here, in the parent: the child (forked from a process that
+    may run threads) only calls into libc, it imports nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = ctypes.c_int(1), ctypes.c_ulong(int(signal.SIGKILL))
+
+    def preexec() -> None:  # pragma: no cover - runs in the child, before exec
+        prctl(pr_set_pdeathsig, sigkill)
+
+    return preexec
 
 
 def server_argv(port: int) -> list[str]:
@@ -152,6 +168,7 @@ def running_server(argv: Callable[[int], list[str]] = server_argv) -> Iterator[S
     pytest.importorskip("moto", reason="moto[server] is not installed (the test dependency group)")
     pytest.importorskip("boto3", reason="boto3 is not installed (the test dependency group)")
     pytest.importorskip("flask", reason="moto's server mode needs moto[server] (flask)")
+    preexec = _die_with_parent()
     with tempfile.TemporaryFile() as stderr:
         process = None
         for _attempt in range(3):  # another process may take the port between bind and listen
@@ -165,7 +182,7 @@ def running_server(argv: Callable[[int], list[str]] = server_argv) -> Iterator[S
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: killed whole on teardown
-                preexec_fn=_die_with_parent,
+                preexec_fn=preexec,
             )
             try:
                 deadline = time.monotonic() + START_TIMEOUT_S

@@ -27,12 +27,17 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("engine", ["directory", "icechunk"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
-def test_out_of_core_step_equals_the_in_memory_one(tmp_path, optimizer):
+def test_out_of_core_step_equals_the_in_memory_one(tmp_path, optimizer, engine):
+    if engine == "icechunk":
+        pytest.importorskip("icechunk", reason="the Icechunk engine needs icechunk (.[icechunk])")
     rng = np.random.default_rng(0)
     params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
     grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for _ in "ab"]
-    store = xpoptim.OutOfCore.create(tmp_path / "s", optimizer, params, chunks=CHUNKS)
+    store = xpoptim.OutOfCore.create(
+        tmp_path / "s", optimizer, params, chunks=CHUNKS, engine=engine
+    )
     want = {k: v.copy() for k, v in params.items()}
     state = optimizer.init(want)
     for g in grads:

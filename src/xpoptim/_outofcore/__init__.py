@@ -9,7 +9,8 @@ One concern per module:
   format checks (`layout`), writer lock (`lock`) and checksummed chunk reads (`chunks`);
 * `transactional` - the Icechunk engine, on local disk or object storage: each step one
   atomic commit, concurrent writers refused by the engine's conflict detection, history,
-  tags, rollback, expiry and garbage collection;
+  tags, rollback, expiry and garbage collection, over `repository` (Icechunk storage,
+  descriptions, snapshots, errors);
 * `chunk_step` - what both engines share: the per-chunk task running the optimizer's own
   update, gradient checks, Dask scheduling, `StepSummary`;
 * `errors` - `StoreError`, `ConcurrentWriterError`; `demo` - the command-line demo.

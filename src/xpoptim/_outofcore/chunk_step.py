@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _validation as check
 from .._execution import execution_options
 from .._optimizers import OPTIMIZERS, Optimizer
 from . import layout
@@ -346,3 +347,45 @@ def step_graph(
             step=step,
         )
     return outputs
+
+
+def check_create(
+    optimizer: Optimizer,
+    params: Mapping[str, Any],
+    chunks: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None,
+    chunk_bytes: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Check the arguments of `OutOfCore.create`, before anything is written.
+
+    Returns:
+        ``(sources, arrays)``: name -> the initial values as a Dask array with regular
+        chunks, and name -> ``{"shape", "dtype", "chunks"}`` (the store's description).
+
+    Raises:
+        TypeError, ValueError: not an elementwise xpoptim optimizer, a config JSON cannot
+            store, an empty mapping, a bad name, chunk shape or array.
+    """
+    _check_elementwise(optimizer)
+    if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
+        raise TypeError(
+            f"optimizer must be one of xpoptim's elementwise optimizers "
+            f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
+        )
+    _check_policy(optimizer)
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("params must be a non-empty mapping from names to arrays")
+    layout.check_names(params)
+    layout.check_chunk_bytes(chunk_bytes)
+    # Every commit stores the config: check it can, before writing anything.
+    layout.check_storable_config(optimizer.get_config())
+    sources = {name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()}
+    check.params(sources)  # real floating dtypes, one namespace
+    arrays = {
+        name: {
+            "shape": list(x.shape),
+            "dtype": str(x.dtype),
+            "chunks": list(_regular_chunks(x.chunks) or ()),
+        }
+        for name, x in sources.items()
+    }
+    return sources, arrays

@@ -35,6 +35,7 @@ independent of the number or size of the parameters.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import _validation as check
 from .._atomic import fsync_path, is_temporary, replace_atomically
 from .._optimizers import Optimizer
 from . import layout
@@ -53,13 +53,12 @@ from .chunk_step import (
     DEFAULT_CHUNK_BYTES,
     MissingDependencyError,
     StepSummary,
-    _as_dask,
     _check_elementwise,
     _check_policy,
     _lazy,
     _phase,
     _progress_default,
-    _regular_chunks,
+    check_create,
     check_grads,
     compute,
     resolve_optimizer,
@@ -68,7 +67,7 @@ from .chunk_step import (
 from .layout import FORMAT, FORMAT_VERSION, LOCK, POINTER, StoreError
 from .location import Location
 from .lock import writer_lock
-from .store import OutOfCore
+from .store import Commit, OutOfCore
 
 #: How often `OutOfCore.read` starts again when a commit replaced the version it read.
 READ_ATTEMPTS = 5
@@ -198,24 +197,8 @@ class DirectoryStore(OutOfCore):
         """`OutOfCore.create`, recording ``note`` in the store's description (the demo marks the
         stores it made, so that it replaces only those); with ``state`` (field -> name
         -> Dask array, the parameters' chunks), committed as step ``step`` (`upgrade`)."""
-        _check_elementwise(optimizer)
-        if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
-            raise TypeError(
-                f"optimizer must be one of xpoptim's elementwise optimizers "
-                f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
-            )
-        _check_policy(optimizer)
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError("params must be a non-empty mapping from names to arrays")
-        layout.check_names(params)
-        layout.check_chunk_bytes(chunk_bytes)
-        # The commit pointer stores the config: check it can, before writing anything.
-        layout.check_storable_config(optimizer.get_config())
+        sources, arrays = check_create(optimizer, params, chunks, chunk_bytes)
         da, zarr = _lazy("dask.array"), _lazy("zarr")
-        sources = {
-            name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()
-        }
-        check.params(sources)  # real floating dtypes, one namespace
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"{directory} exists and is not a directory; nothing was changed")
@@ -229,14 +212,6 @@ class DirectoryStore(OutOfCore):
         directory.mkdir(parents=True, exist_ok=True)
 
         fields = list(optimizer._buffer_fields())
-        arrays = {
-            name: {
-                "shape": list(x.shape),
-                "dtype": str(x.dtype),
-                "chunks": list(_regular_chunks(x.chunks) or ()),
-            }
-            for name, x in sources.items()
-        }
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -386,6 +361,14 @@ class DirectoryStore(OutOfCore):
     def version(self) -> str:
         """The committed version's group name (``"v{k}"``)."""
         return str(layout.read_pointer(self.directory)["version"])
+
+    def history(self) -> list[Commit]:
+        """The committed step alone: a directory store keeps no history (Icechunk does)."""
+        pointer = layout.read_pointer(self.directory)
+        when = datetime.datetime.fromtimestamp(
+            (self.directory / POINTER).stat().st_mtime, tz=datetime.UTC
+        )
+        return [Commit(int(pointer["step"]), str(pointer["version"]), when)]
 
     def arrays(self) -> tuple[dict[str, Any], Any]:
         """The committed parameters and state as (read-only) Zarr arrays.

@@ -221,7 +221,11 @@ class OutOfCore:
         Args:
             source: a directory store.
             destination: a new location (a new or empty directory, or a URL).
-            num_workers, progress, engine, storage_options, keep_steps: as for `create`.
+            num_workers: as for `create`.
+            progress: as for `create`.
+            engine: as for `create`.
+            storage_options: as for `create`.
+            keep_steps: as for `create`.
 
         Raises:
             StoreError: ``source`` is not a complete directory store (a missing chunk

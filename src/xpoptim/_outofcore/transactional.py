@@ -37,25 +37,19 @@ engine; the number of chunks of each array is checked against its shape before a
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from .. import _validation as check
 from .._optimizers import Optimizer
 from .chunk_step import (
-    _OPTIMIZERS,
     StepSummary,
-    _as_dask,
     _check_elementwise,
     _check_policy,
     _lazy,
     _phase,
     _progress_default,
-    _regular_chunks,
+    check_create,
     check_grads,
     resolve_optimizer,
     step_graph,
@@ -63,60 +57,31 @@ from .chunk_step import (
 from .errors import ConcurrentWriterError, StoreError
 from .layout import (
     FORMAT,
-    check_chunk_bytes,
-    check_names,
     check_storable_config,
-    describe_entries,
-    meta_problem,
     nbytes,
 )
 from .location import Location
-from .lock import writer_lock
+from .repository import (
+    BRANCH,
+    FORMAT_VERSION,
+    READ_ATTEMPTS,
+    STEP_KEY,
+    array_keys,
+    as_store_error,
+    commit,
+    count_chunks,
+    is_icechunk_error,
+    local_lock,
+    read_meta,
+    reason,
+    repository_for_create,
+    step_snapshot,
+    storage,
+    tag_snapshot,
+)
 from .store import Commit, OutOfCore
 
-__all__ = ["BRANCH", "FORMAT_VERSION", "IcechunkStore"]
-
-#: The branch every step commits to.
-BRANCH = "main"
-#: The format version of an xpoptim store kept in Icechunk.
-FORMAT_VERSION = 3
-#: Commit metadata key holding the step count after the commit.
-STEP_KEY = "xpoptim_step"
-#: How often `IcechunkStore.read` starts again when garbage collection removed the
-#: snapshot it was reading (a writer committed ``keep_steps`` steps meanwhile).
-READ_ATTEMPTS = 5
-
-
-def storage(where: Location) -> Any:
-    """The Icechunk ``Storage`` of a location (credentials from the options or the
-    environment)."""
-    ic = _lazy("icechunk")
-    if where.path is not None:
-        if "ICECHUNK_LOG" not in os.environ:
-            # Icechunk warns that its local storage is not safe for concurrent commits:
-            # xpoptim holds the directory engine's writer lock around every commit.
-            ic.set_logs_filter("warn,icechunk::storage::object_store=error")
-        return ic.local_filesystem_storage(str(where.path.resolve()))
-    options = dict(where.options)
-    prefix = where.prefix or None
-    if where.scheme == "s3":
-        if not {"access_key_id", "anonymous"} & set(options):
-            options["from_env"] = True
-        return ic.s3_storage(bucket=where.bucket, prefix=prefix, **options)
-    if where.scheme == "gs":
-        credentials = {"service_account_file", "service_account_key", "application_credentials"}
-        if not (credentials | {"bearer_token", "anonymous"}) & set(options):
-            options["from_env"] = True
-        return ic.gcs_storage(bucket=where.bucket, prefix=prefix, **options)
-    account = options.pop("account")
-    if not {"access_key", "sas_token", "bearer_token"} & set(options):
-        options["from_env"] = True
-    return ic.azure_storage(account=account, container=where.bucket, prefix=where.prefix, **options)
-
-
-def _icechunk_error(exc: BaseException) -> bool:
-    ic = _lazy("icechunk")
-    return isinstance(exc, ic.IcechunkError)
+__all__ = ["IcechunkStore"]
 
 
 class IcechunkStore(OutOfCore):
@@ -171,24 +136,8 @@ class IcechunkStore(OutOfCore):
         state: Mapping[str, Mapping[str, Any]] | None = None,
         step: int = 0,
     ) -> IcechunkStore:
-        _check_elementwise(optimizer)
-        if not isinstance(optimizer, Optimizer) or type(optimizer).__name__ not in _OPTIMIZERS:
-            raise TypeError(
-                f"optimizer must be one of xpoptim's elementwise optimizers "
-                f"({', '.join(sorted(_OPTIMIZERS))}), got {optimizer!r}"
-            )
-        _check_policy(optimizer)
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError("params must be a non-empty mapping from names to arrays")
-        check_names(params)
-        check_chunk_bytes(chunk_bytes)
-        check_storable_config(optimizer.get_config())
+        sources, arrays = check_create(optimizer, params, chunks, chunk_bytes)
         zarr = _lazy("zarr")
-        _lazy("dask.array")
-        sources = {
-            name: _as_dask(value, name, chunks, chunk_bytes) for name, value in params.items()
-        }
-        check.params(sources)
         fields = list(optimizer._buffer_fields())
         meta: dict[str, Any] = {
             "format": FORMAT,
@@ -196,28 +145,21 @@ class IcechunkStore(OutOfCore):
             "engine": "icechunk",
             "optimizer": type(optimizer).__name__,
             "fields": fields,
-            "arrays": {
-                name: {
-                    "shape": list(x.shape),
-                    "dtype": str(x.dtype),
-                    "chunks": list(_regular_chunks(x.chunks) or ()),
-                }
-                for name, x in sources.items()
-            },
+            "arrays": arrays,
             "keep_steps": keep_steps,
         }
         if note is not None:
             meta["note"] = note
         # Icechunk creates a repository only in an empty prefix (and refuses a second
         # creator), so the writer lock file comes after it.
-        repo = _repository_for_create(where, overwrite)
-        with _local_lock(where):
+        repo = repository_for_create(where, overwrite)
+        with local_lock(where):
             # Commit 1: the layout (arrays without chunks). Icechunk forks a session to
             # the workers only from a committed state; a tip without a step is never
             # opened ("creation did not finish").
             session = repo.writable_session(BRANCH)
             root = zarr.group(store=session.store, overwrite=True, attributes={"xpoptim": meta})
-            for key in _keys(sources, fields):
+            for key in array_keys(sources, fields):
                 m = meta["arrays"][key.split("/", 1)[1]]
                 root.create_array(
                     key,
@@ -228,7 +170,7 @@ class IcechunkStore(OutOfCore):
                     compressors=_lazy("xpoptim._outofcore.chunks").CODECS,
                     config={"write_empty_chunks": True},
                 )
-            _commit(session, "xpoptim: create the layout", {"xpoptim_layout": True}, where)
+            commit(session, "xpoptim: create the layout", {"xpoptim_layout": True}, where)
             store = cls(where, repo, optimizer, num_workers, meta)
             initial = state if state is not None else optimizer.init(sources)._asdict()
             outputs = {n: [sources[n], *(initial[f][n] for f in fields)] for n in sources}
@@ -261,15 +203,15 @@ class IcechunkStore(OutOfCore):
             exists = ic.Repository.exists(storage(where))
             repo = ic.Repository.open(storage(where)) if exists else None
         except ic.IcechunkError as exc:
-            raise StoreError(f"cannot reach the store at {where}: {exc}") from exc
+            raise StoreError(f"cannot reach the store at {where}: {reason(exc)}") from exc
         if repo is None:
             raise StoreError(f"{where} holds no xpoptim store (no Icechunk repository there)")
-        meta = _read_meta(repo, where, repo.lookup_branch(BRANCH))
+        meta = read_meta(repo, where, repo.lookup_branch(BRANCH))
         pinned = None
         if tag is not None:
-            pinned = _tag_snapshot(repo, where, tag)
+            pinned = tag_snapshot(repo, where, tag)
         elif step is not None:
-            pinned = _step_snapshot(repo, where, step)
+            pinned = step_snapshot(repo, where, step)
         snapshot = pinned or repo.lookup_branch(BRANCH)
         info = repo.lookup_snapshot(snapshot)
         if STEP_KEY not in info.metadata:
@@ -278,7 +220,7 @@ class IcechunkStore(OutOfCore):
                 "again with overwrite=True"
             )
         if pinned is not None:
-            meta = _read_meta(repo, where, pinned)
+            meta = read_meta(repo, where, pinned)
         optimizer = resolve_optimizer(
             where, meta["optimizer"], info.metadata["optimizer"], optimizer, reconfigure
         )
@@ -328,8 +270,8 @@ class IcechunkStore(OutOfCore):
                     state.step, **buffers
                 )
             except Exception as exc:
-                if not _icechunk_error(exc) or self._pinned or attempt + 1 == READ_ATTEMPTS:
-                    raise _as_store_error(exc, self._where) from exc
+                if not is_icechunk_error(exc) or self._pinned or attempt + 1 == READ_ATTEMPTS:
+                    raise as_store_error(exc, self._where) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def history(self) -> list[Commit]:
@@ -362,7 +304,7 @@ class IcechunkStore(OutOfCore):
         if step is None:
             snapshot = self._pinned or self._repo.lookup_branch(BRANCH)
         else:
-            snapshot = _step_snapshot(self._repo, self._where, step)
+            snapshot = step_snapshot(self._repo, self._where, step)
         if name in self._repo.list_tags():
             raise StoreError(f"{self._where} already has a tag {name!r}; nothing was changed")
         self._repo.create_tag(name, snapshot)
@@ -380,16 +322,16 @@ class IcechunkStore(OutOfCore):
         if self._pinned is not None:
             raise StoreError(f"this store was opened read-only at an earlier step: {self}")
         if tag is not None:
-            target = _tag_snapshot(self._repo, self._where, tag)
+            target = tag_snapshot(self._repo, self._where, tag)
         else:
             assert step is not None
-            target = _step_snapshot(self._repo, self._where, step)
-        with _local_lock(self._where):
+            target = step_snapshot(self._repo, self._where, step)
+        with local_lock(self._where):
             tip = self._repo.lookup_branch(BRANCH)
             try:
                 self._repo.reset_branch(BRANCH, target, from_snapshot_id=tip)
             except Exception as exc:
-                if _icechunk_error(exc):
+                if is_icechunk_error(exc):
                     raise ConcurrentWriterError(
                         f"{self._where}: another writer committed while rolling back; "
                         f"nothing was changed by the rollback ({exc})"
@@ -440,7 +382,7 @@ class IcechunkStore(OutOfCore):
                 "from there, open it normally and call rollback(step=...)"
             )
         start = time.perf_counter()
-        with _local_lock(self._where):
+        with local_lock(self._where):
             _phase("locked")
             base = self._repo.lookup_branch(BRANCH)
             committed = int(self._repo.lookup_snapshot(base).metadata[STEP_KEY])
@@ -515,11 +457,11 @@ class IcechunkStore(OutOfCore):
             with current, dask.config.set(**scheduler), bar:
                 merged = ic_dask.store_dask(sources=sources, targets=targets)
         except Exception as exc:
-            raise _as_store_error(exc, self._where) from exc
+            raise as_store_error(exc, self._where) from exc
         _phase("stored")
         session.merge(merged)
         commit_start = time.perf_counter()
-        _commit(
+        commit(
             session,
             f"xpoptim step {step}",
             {STEP_KEY: step, "optimizer": self.optimizer.get_config()},
@@ -562,9 +504,9 @@ class IcechunkStore(OutOfCore):
         try:
             session = self._repo.readonly_session(snapshot_id=snapshot)
         except Exception as exc:
-            raise _as_store_error(exc, self._where) from exc
+            raise as_store_error(exc, self._where) from exc
         arrays = {}
-        for key in _keys(self._arrays, self._fields):
+        for key in array_keys(self._arrays, self._fields):
             meta = self._arrays[key.split("/", 1)[1]]
             where = f"{self._where} (snapshot {snapshot}): {key}"
             try:
@@ -576,7 +518,7 @@ class IcechunkStore(OutOfCore):
                 raise StoreError(f"the committed array {where} is {got}, the store says {meta}")
             if not any(isinstance(c, chunks.Crc32cCodec) for c in a.compressors):
                 raise StoreError(f"the committed array {where} has no chunk checksums")
-            present = _count_chunks(session.store, key)
+            present = count_chunks(session.store, key)
             expected = a.nchunks
             if present != expected:
                 raise chunks.CorruptChunkError(
@@ -595,144 +537,3 @@ class IcechunkStore(OutOfCore):
 
     def __str__(self) -> str:
         return self.location
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _keys(arrays: Mapping[str, Any], fields: list[str]) -> Iterator[str]:
-    for n in arrays:
-        yield f"params/{n}"
-        yield from (f"{f}/{n}" for f in fields)
-
-
-def _commit(session: Any, message: str, metadata: dict[str, Any], where: Location) -> str:
-    ic = _lazy("icechunk")
-    try:
-        return str(session.commit(message, metadata=metadata))
-    except ic.ConflictError as exc:
-        raise ConcurrentWriterError(
-            f"{where}: another writer committed first ({exc}); nothing of this step was "
-            "committed: open the store again to continue from the other writer's step"
-        ) from exc
-
-
-def _count_chunks(store: Any, key: str) -> int:
-    """How many chunk keys the snapshot's manifest lists for the array ``key``."""
-    sync = _lazy("zarr.core.sync").sync
-
-    async def count() -> int:
-        chunk = f"{key}/c"
-        return sum([1 async for k in store.list_prefix(f"{key}/") if k.startswith(chunk)])
-
-    return int(sync(count()))
-
-
-def _read_meta(repo: Any, where: Location, snapshot: str) -> dict[str, Any]:
-    zarr = _lazy("zarr")
-    try:
-        root = zarr.open_group(repo.readonly_session(snapshot_id=snapshot).store, mode="r")
-        meta = root.attrs.get("xpoptim")
-    except Exception as exc:
-        raise StoreError(
-            f"{where} is an Icechunk repository but not an xpoptim store: {exc}"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{where} is an Icechunk repository but not an xpoptim store")
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("engine") != "icechunk":
-        raise StoreError(
-            f"{where} has out-of-core format version {meta.get('format_version')!r}; this "
-            f"xpoptim reads version {FORMAT_VERSION} in Icechunk"
-        )
-    if meta.get("optimizer") not in _OPTIMIZERS:
-        raise StoreError(f"{where} holds an unknown optimizer {meta.get('optimizer')!r}")
-    keep = meta.get("keep_steps")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise StoreError(f"{where} has a malformed keep_steps {keep!r}")
-    bad = meta_problem(meta)
-    if bad:
-        raise StoreError(f"{where} has a malformed xpoptim description: {bad}")
-    return dict(meta)
-
-
-def _step_snapshot(repo: Any, where: Location, step: int) -> str:
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int, got {step!r}")
-    candidates = list(repo.ancestry(branch=BRANCH))
-    candidates += [repo.lookup_snapshot(repo.lookup_tag(t)) for t in sorted(repo.list_tags())]
-    for info in candidates:
-        if info.metadata.get(STEP_KEY) == step:
-            return str(info.id)
-    kept = sorted({int(i.metadata[STEP_KEY]) for i in candidates if STEP_KEY in i.metadata})
-    raise StoreError(
-        f"{where} does not hold step {step} any more (readable steps: {kept}); keep more "
-        "with keep_steps=, or tag a step to keep it"
-    )
-
-
-def _tag_snapshot(repo: Any, where: Location, tag: str) -> str:
-    if tag not in repo.list_tags():
-        raise StoreError(f"{where} has no tag {tag!r} (tags: {sorted(repo.list_tags())})")
-    return str(repo.lookup_tag(tag))
-
-
-def _repository_for_create(where: Location, overwrite: bool) -> Any:
-    """A new repository at ``where``, or with ``overwrite`` the xpoptim one there."""
-    ic = _lazy("icechunk")
-    if where.path is not None:
-        path = where.path
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{path} exists and is not a directory; nothing was changed")
-        path.mkdir(parents=True, exist_ok=True)
-        others = [e.name for e in path.iterdir()]
-        if others and not (path / "refs").is_dir():
-            raise StoreError(
-                f"{path} is not empty and not an Icechunk store ({describe_entries(others)}): "
-                "nothing was deleted"
-            )
-    try:
-        exists = ic.Repository.exists(storage(where))
-        if not exists:
-            return ic.Repository.create(storage(where))
-        repo = ic.Repository.open(storage(where))
-    except ic.IcechunkError as exc:
-        raise StoreError(f"cannot create a store at {where}: {exc}") from exc
-    _read_meta(repo, where, repo.lookup_branch(BRANCH))  # an xpoptim store, or refused
-    if not overwrite:
-        raise FileExistsError(
-            f"{where} already holds an xpoptim out-of-core store; pass overwrite=True to "
-            "replace it (its steps stay in the history until they expire)"
-        )
-    return repo
-
-
-@contextlib.contextmanager
-def _local_lock(where: Location) -> Iterator[None]:
-    """The directory engine's ``flock`` for a local repository (Icechunk's local storage
-    is not safe for concurrent commits); object storage relies on the commit's conflict
-    check."""
-    if where.path is None:
-        yield
-        return
-    with writer_lock(Path(where.path)):
-        yield
-
-
-def _as_store_error(exc: BaseException, where: Location) -> BaseException:
-    """A checksum mismatch or an Icechunk read error as a `StoreError`; others unchanged."""
-    chunks = _lazy("xpoptim._outofcore.chunks")
-    if isinstance(exc, StoreError):
-        return exc
-    text = str(exc)
-    if "checksum" in text.lower():
-        error: BaseException = chunks.CorruptChunkError(
-            f"a chunk of {where} fails its checksum ({text}): the store was altered outside "
-            "xpoptim; nothing was committed"
-        )
-        return error
-    if _icechunk_error(exc):
-        return StoreError(f"{where}: the store could not be read: {text}")
-    return exc
-
-
-_ = datetime  # the type of Commit.written_at
