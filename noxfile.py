@@ -201,7 +201,7 @@ def bench_cluster(session: nox.Session) -> None:
     On the moto S3 server (started by the script, as the tests start it) and on a local
     Icechunk store: ``nox -s bench_cluster [-- --quick | --size 1.2 --workers 1,2,4]``.
     """
-    session.install(*TEST_DEPS, ".[icechunk]")
+    session.install(*TEST_DEPS, *BACKENDS["dask"])  # pytest and moto: the tests' S3 server
     session.run("python", "benchmarks/bench_outofcore_cluster.py", *session.posargs)
 
 
