@@ -109,12 +109,28 @@ def client() -> Iterator[Any]:
         yield c
 
 
+def wait_for_all_workers(client: Any) -> None:
+    """Wait until every worker runs; if one never comes back, say what each nanny was doing."""
+    try:
+        client.wait_for_workers(WORKERS, timeout=90)
+    except TimeoutError as exc:
+        nannies = {
+            name: (
+                str(getattr(nanny, "status", "?")),
+                getattr(getattr(nanny, "process", None), "pid", None),
+            )
+            for name, nanny in client.cluster.workers.items()
+        }
+        running = list(client.scheduler_info()["workers"])
+        raise AssertionError(f"{exc}; running: {running}; nannies: {nannies}") from exc
+
+
 @pytest.fixture
 def workers_ready(client: Any) -> Iterator[Any]:
     """The client, with every worker up before and after the test (a killed one restarted)."""
-    client.wait_for_workers(WORKERS, timeout=90)
+    wait_for_all_workers(client)
     yield client
-    client.wait_for_workers(WORKERS, timeout=90)
+    wait_for_all_workers(client)
 
 
 def location(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, dict]:
@@ -262,7 +278,7 @@ def test_a_worker_killed_computing_a_chunk_still_gives_one_correct_commit(
     assert marker.exists(), "the chosen chunk was never computed"
     victim = int(marker.read_text())
     assert victim in before
-    client.wait_for_workers(WORKERS, timeout=90)
+    wait_for_all_workers(client)
     assert victim not in worker_pids(client), "the killed worker is still there"
     # ... and the step completed once, with the bits of the uninterrupted run.
     assert (summary.step, store.step_count) == (2, 2)
@@ -303,7 +319,7 @@ def test_a_worker_killed_after_writing_a_chunk_leaves_no_torn_commit(
     assert marker.exists(), "no worker wrote the chosen chunk"
     victim = int(marker.read_text())
     assert victim in before
-    client.wait_for_workers(WORKERS, timeout=90)
+    wait_for_all_workers(client)
     assert victim not in worker_pids(client)
     assert (summary.step, store.step_count) == (2, 2)
     assert [c.step for c in store.history()] == [2]
