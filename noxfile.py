@@ -1,8 +1,9 @@
 """Sessions: the backend test matrix, lint, the demo and the benchmarks.
 
 ``nox`` alone runs every default session: the tests on each CPU backend (the CuPy
-one skips itself, with the reason, where there is no CUDA device), lint and docs. ``demo``,
-``bench`` and ``bench_large`` run only when named: ``nox -s demo``, ``nox -s bench``.
+one skips itself, with the reason, where there is no CUDA device), lint and docs. ``demo``
+and the benchmarks run only when named: ``nox -s demo``, ``nox -s bench``,
+``nox -s bench_large``, ``nox -s bench_cluster``.
 """
 
 from __future__ import annotations
@@ -191,6 +192,17 @@ def bench_gpu(session: nox.Session) -> None:
         session.skip(reason)
     session.install(".[cuda12]", "torch")
     session.run("python", "benchmarks/bench_gpu.py", *session.posargs)
+
+
+@nox.session(default=False)
+def bench_cluster(session: nox.Session) -> None:
+    """An out-of-core Adam step on a LocalCluster of 1, 2, 4 workers x 1, 4, 16 MiB chunks.
+
+    On the moto S3 server (started by the script, as the tests start it) and on a local
+    Icechunk store: ``nox -s bench_cluster [-- --quick | --size 1.2 --workers 1,2,4]``.
+    """
+    session.install(*TEST_DEPS, *BACKENDS["dask"])  # pytest and moto: the tests' S3 server
+    session.run("python", "benchmarks/bench_outofcore_cluster.py", *session.posargs)
 
 
 @nox.session(default=False)

@@ -439,17 +439,22 @@ class IcechunkStore(OutOfCore):
                 target = zarr.open_array(fork.store, path=key, mode="r+")
                 targets.append(target.with_config({"write_empty_chunks": True}))
         workers = num_workers or self.num_workers
-        scheduler: dict[str, Any] = (
-            {"scheduler": client} if client is not None else {"scheduler": "threads"}
-        )
-        if client is None and workers:
+        # A client is made current rather than put in dask.config: the global config is
+        # pickled into every worker process a Nanny (re)starts, and a Client cannot be, so
+        # a LocalCluster's worker killed during the step would never come back.
+        scheduler: dict[str, Any] = {"scheduler": "threads"}
+        current: Any = contextlib.nullcontext()
+        if client is not None:
+            scheduler["scheduler"] = "dask.distributed"
+            current = client.as_current()
+        elif workers:
             scheduler["num_workers"] = workers
         bar: Any = contextlib.nullcontext()
         if _progress_default(progress):
             bar = _lazy("dask.diagnostics").ProgressBar() if client is None else bar
         _phase("opened")
         try:
-            with dask.config.set(**scheduler), bar:
+            with current, dask.config.set(**scheduler), bar:
                 merged = ic_dask.store_dask(sources=sources, targets=targets)
         except Exception as exc:
             if base is not None and is_icechunk_error(exc) and self._moved_from(base):
