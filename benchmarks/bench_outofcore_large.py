@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_outofcore import evict  # type: ignore[import-not-found,unused-ignore]
 
 import xpoptim
 from xpoptim._outofcore.demo import (
@@ -221,17 +222,6 @@ def sync() -> float:
     start = time.perf_counter()
     os.sync()
     return time.perf_counter() - start
-
-
-def evict(path: Path) -> None:
-    """Drop the (clean, fsynced) files under ``path`` from the page cache."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _read_all(path: Path, direct: bool) -> tuple[int, float]:
