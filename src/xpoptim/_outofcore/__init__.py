@@ -13,6 +13,7 @@ One concern per module:
   descriptions, snapshots, errors);
 * `chunk_step` - what both engines share: the per-chunk task running the optimizer's own
   update, gradient checks, Dask scheduling, `StepSummary`;
+* `migrate` - reading a directory store for `OutOfCore.upgrade`;
 * `errors` - `StoreError`, `ConcurrentWriterError`; `demo` - the command-line demo.
 """
 

@@ -231,10 +231,10 @@ class OutOfCore:
             StoreError: ``source`` is not a complete directory store (a missing chunk
                 included), or ``destination`` is not new or empty.
         """
-        from .directory import DirectoryStore
+        from .migrate import read_for_upgrade
 
         where = parse(destination, engine=engine, storage_options=storage_options)
-        copy = DirectoryStore._read_for_upgrade(source, where)
+        copy = read_for_upgrade(source, where)
         return _engine(where)._create_at(
             where,
             copy.optimizer,
